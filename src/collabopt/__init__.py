@@ -1,0 +1,46 @@
+"""collabopt: collaborative optimization (prune -> cluster -> int8 QAT) for Keras 3.
+
+The public API is resolved lazily, so ``import collabopt`` stays instant: Keras (and with it
+TensorFlow, on the TensorFlow backend) loads on first use of a technique.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "prune": "pruning",
+    "ConstantSparsity": "pruning",
+    "PolynomialDecay": "pruning",
+    "cluster": "clustering",
+    "quantize": "quantization",
+    "fold_batchnorm": "quantization",
+    "strip": "core.rewrite",
+    "export_tflite": "export",
+    "inspect": "inspect",
+    "verify": "inspect",
+    "evaluate_tflite": "inspect",
+    "VerificationError": "inspect",
+    "vela_report": "vela",
+    "plot_weight_density": "plots",
+    "plot_tradeoff": "plots",
+    "DeploymentTree": "tree",
+    "Targets": "tree",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        module = importlib.import_module(f"collabopt.{_API[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'collabopt' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__ + ["__version__"]

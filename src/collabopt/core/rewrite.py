@@ -1,0 +1,299 @@
+"""Model rewriting: copy a model with some layers replaced, whatever way it was built.
+
+Sequential and Functional models (nested ones included, shared layers kept shared) go
+through ``keras.models.clone_model``; subclassed models are rebuilt from their config and the
+layers held as attributes are swapped. The input model is never touched: every layer of the
+result is a fresh copy carrying the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import keras
+
+from collabopt.core import registry
+from collabopt.core.wrapper import OptimizedLayer
+
+LayerSelector = str | type | Callable[[keras.layers.Layer], bool] | Iterable[str | type] | None
+
+
+def copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A fresh, built copy of ``layer`` with the same config and weights."""
+    from collabopt.core.transform import Transform
+
+    if isinstance(layer, Transform):
+        new = layer.__class__.from_config(layer.get_config())
+        new.build_for(layer.weight_shape)
+        new.set_weights(layer.get_weights())
+        return new
+    if isinstance(layer, OptimizedLayer):
+        new = OptimizedLayer.from_config(layer.get_config())
+    else:
+        new = layer.__class__.from_config(layer.get_config())
+    if layer.built:
+        build_config = layer.get_build_config()
+        if build_config:
+            new.build_from_config(build_config)
+        new.set_weights(layer.get_weights())
+    return new
+
+
+def ensure_built(model: keras.Model) -> None:
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
+    if not model.built or not model.weights:
+        raise ValueError(
+            f"model {model.name!r} is not built: call it on data or build it with "
+            "model.build(input_shape) (or give it an Input) before optimizing it.")
+
+
+def iter_layers(model: keras.Model):
+    """Every leaf layer of ``model`` (recursing into nested models), each once."""
+    seen = set()
+    stack = list(reversed(_children(model)))
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, keras.Model) and not isinstance(layer, OptimizedLayer):
+            stack.extend(reversed(_children(layer)))
+        else:
+            yield layer
+
+
+def _children(model: keras.Model) -> list[keras.layers.Layer]:
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def _is_functional_like(model) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def rewrite(model: keras.Model,
+            replace: Callable[[keras.layers.Layer], keras.layers.Layer | None]) -> keras.Model:
+    """Copy ``model``; each leaf layer becomes ``replace(layer)`` or, if None, a plain copy."""
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer.__class__.from_config(layer.get_config())
+        if isinstance(layer, keras.Model) and not isinstance(layer, OptimizedLayer):
+            return rewrite(layer, replace)
+        new = replace(layer)
+        return copy_layer(layer) if new is None else new
+
+    if _is_functional_like(model):
+        out = keras.models.clone_model(model, clone_function=clone, recursive=False)
+        if not out.built and model.built:
+            out.build_from_config(model.get_build_config())
+        return out
+    return _rewrite_subclassed(model, clone)
+
+
+def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
+    build_config = model.get_build_config()
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        new = keras.saving.deserialize_keras_object(
+            config, custom_objects={model.__class__.__name__: model.__class__})
+    except Exception as err:  # noqa: BLE001 - we re-raise with the fix the user needs
+        raise ValueError(
+            f"cannot copy subclassed model {type(model).__name__}: it must implement "
+            f"get_config()/from_config() ({err})") from err
+    if build_config:
+        new.build_from_config(build_config)
+    new.set_weights(model.get_weights())
+    cache: dict[int, keras.layers.Layer] = {}
+
+    def swap(owner):
+        for attr, value in list(vars(owner).items()):
+            if attr.startswith("_") or not isinstance(value, (keras.layers.Layer, list)):
+                continue
+            items = value if isinstance(value, list) else [value]
+            replaced = []
+            for item in items:
+                if isinstance(item, keras.layers.Layer):
+                    if id(item) not in cache:
+                        cache[id(item)] = clone(item)
+                    replaced.append(cache[id(item)])
+                else:
+                    replaced.append(item)
+            new_value = replaced if isinstance(value, list) else replaced[0]
+            object.__setattr__(owner, attr, new_value)
+        owner._layers[:] = [cache.get(id(layer), layer) for layer in owner._layers]
+
+    swap(new)
+    return new
+
+
+# --- selection ---------------------------------------------------------------------------
+def _matcher(layers: LayerSelector):
+    if layers is None:
+        return None, set()
+    if callable(layers) and not isinstance(layers, type):
+        return layers, set()
+    items = [layers] if isinstance(layers, (str, type)) else list(layers)
+    names = {i for i in items if isinstance(i, str)}
+    classes = tuple(i for i in items if isinstance(i, type))
+    bad = [i for i in items if not isinstance(i, (str, type))]
+    if bad:
+        raise TypeError(f"layers= takes names, classes or a predicate; got {bad!r}")
+    return (lambda layer: layer.name in names or (classes and isinstance(layer, classes))), names
+
+
+@dataclass
+class Summary:
+    """What an entry point wrapped and what it skipped, and why."""
+
+    action: str
+    wrapped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        skipped = ", ".join(f"{n} ({why})" for n, why in self.skipped.items()) or "none"
+        return (f"collabopt.{self.action}: wrapped {len(self.wrapped)} layer(s) "
+                f"[{', '.join(self.wrapped)}]; skipped: {skipped}")
+
+
+def apply_to_model(
+    model: keras.Model,
+    action: str,
+    make_chains: Callable[[keras.layers.Layer, list[registry.WeightSpec], bool],
+                          dict | str],
+    layers: LayerSelector = None,
+    verbose: bool = True,
+    min_weights: int = 32,
+) -> keras.Model:
+    """Shared engine of prune/cluster/quantize: select layers, wrap them, report.
+
+    ``make_chains(layer, specs, explicit)`` returns ``{weight name: [transforms]}`` or a string
+    saying why the layer is skipped. ``explicit`` is True when the user named the layer, in
+    which case a skip reason becomes a ValueError.
+    """
+    ensure_built(model)
+    match, names = _matcher(layers)
+    all_layers = list(iter_layers(model))
+    missing = names - {layer.name for layer in all_layers}
+    if missing:
+        raise ValueError(f"layers= names {sorted(missing)} not found in model {model.name!r}; "
+                         f"its layers are {[layer.name for layer in all_layers]}")
+    summary = Summary(action)
+
+    def replace(layer):
+        explicit = match is not None and bool(match(layer))
+        if match is not None and not explicit:
+            return None
+        base = layer.layer if isinstance(layer, OptimizedLayer) else layer
+        specs = registry.weight_specs(base)
+        if specs is None:
+            if explicit:
+                raise ValueError(
+                    f"layer {layer.name!r} ({type(base).__name__}) is not supported by "
+                    f"collabopt.{action}: no registry entry says which of its weights to "
+                    "optimize. Leave it out of layers=.")
+            if base.weights:
+                summary.skipped[layer.name] = f"{type(base).__name__} not in registry"
+            return None
+        size = sum(int(registry.find_variable(base, s.name).numpy().size) for s in specs)
+        if size < min_weights and not explicit:
+            summary.skipped[layer.name] = f"only {size} weights"
+            return None
+        chains = make_chains(layer, list(specs), explicit)
+        if isinstance(chains, str):
+            if explicit:
+                raise ValueError(f"collabopt.{action} cannot handle layer {layer.name!r}: "
+                                 f"{chains}")
+            summary.skipped[layer.name] = chains
+            return None
+        wrapped = wrap(layer, chains)
+        summary.wrapped.append(layer.name)
+        return wrapped
+
+    result = rewrite(model, replace)
+    if not summary.wrapped:
+        raise ValueError(
+            f"collabopt.{action}: nothing to optimize in model {model.name!r}. "
+            f"Skipped: {dict(summary.skipped) or 'no layer with weights'}")
+    if verbose:
+        print(summary)
+    result.collabopt_summary = summary
+    return result
+
+
+def wrap(layer: keras.layers.Layer, chains: dict) -> OptimizedLayer:
+    """Wrap a copy of ``layer`` (appending to its chains when it is already wrapped)."""
+    if isinstance(layer, OptimizedLayer):
+        merged = {name: list(chain) for name, chain in copy_layer(layer).chains.items()}
+        host = copy_layer(layer.layer)
+        old_values = [v.numpy() for v in layer.weights]
+        for name, chain in chains.items():
+            merged.setdefault(name, []).extend(chain)
+        new = OptimizedLayer(host, merged, quantize_input=layer.quantize_input,
+                             quantize_output=layer.quantize_output)
+        new.build(layer.layer.get_build_config()["input_shape"])
+        # Carry over existing state (host weights, old transforms, step), then init new ones.
+        for var, value in zip(new.weights, old_values, strict=False):
+            var.assign(value)
+        for name, chain in chains.items():
+            w = numpy_chain_output(new, name, stop_before=chain[0])
+            for t in chain:
+                t.initialize(w)
+                w = keras.ops.convert_to_numpy(t.apply(keras.ops.convert_to_tensor(w)))
+        return new
+    host = copy_layer(layer)
+    new = OptimizedLayer(host, chains)
+    new.build(layer.get_build_config()["input_shape"])
+    new.initialize_transforms()
+    return new
+
+
+def numpy_chain_output(layer: OptimizedLayer, name: str, stop_before) -> "np.ndarray":  # noqa: F821
+    w = layer._targets[name][0].value
+    for t in layer.chains[name]:
+        if t is stop_before:
+            break
+        w = t.apply(w)
+    return keras.ops.convert_to_numpy(w)
+
+
+# --- strip -------------------------------------------------------------------------------
+def strip(model: keras.Model, keep_quantization: bool = False) -> keras.Model:
+    """A plain Keras model: every wrapper replaced by its host layer with baked weights.
+
+    With ``keep_quantization=True`` (used by export) QAT wrappers stay, reduced to their
+    fake-quant transforms and activation ranges, so the converter sees the learned ranges.
+    """
+
+    def replace(layer):
+        if not isinstance(layer, OptimizedLayer):
+            return None
+        host = copy_layer(layer.layer)
+        for name in layer.chains:
+            var = registry.find_variable(host, name)
+            var.assign(keras.ops.convert_to_numpy(
+                layer.transformed_weight(name, upto_export=True)))
+        quantized = any(t.kept_at_export for t in layer.transforms) or layer.quantize_output \
+            or layer.quantize_input
+        if not (keep_quantization and quantized):
+            return host
+        kept = {name: [copy_layer(t) for t in chain if t.kept_at_export]
+                for name, chain in layer.chains.items()}
+        kept = {name: chain for name, chain in kept.items() if chain}
+        new = OptimizedLayer(host, kept, quantize_input=layer.quantize_input,
+                             quantize_output=layer.quantize_output)
+        new.build(layer.layer.get_build_config()["input_shape"])
+        for src, dst in ((layer.input_range, new.input_range),
+                         (layer.output_range, new.output_range)):
+            if src is not None:
+                dst.set_weights(src.get_weights())
+        return new
+
+    return rewrite(model, replace)
+
+
+def is_wrapped(model: keras.Model) -> bool:
+    return any(isinstance(layer, OptimizedLayer) for layer in iter_layers(model))

@@ -1,0 +1,182 @@
+"""The one wrapper: a host layer plus a chain of transforms for each optimizable weight.
+
+During ``call`` the wrapper computes every chain's output and temporarily puts that tensor in
+place of the host layer's variable, then runs the host layer unchanged. The host layer's own
+code (convolution, matmul, padding...) is therefore never re-implemented, and stacking a new
+technique means appending a transform to a chain.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from collabopt.core import registry
+from collabopt.core.transform import Transform
+
+
+@keras.saving.register_keras_serializable(package="collabopt")
+class ActivationRange(keras.layers.Layer):
+    """Fake-quantizes activations to int8 with an EMA of their observed range.
+
+    The first training batch sets the range outright (short fine-tunes never recover from an
+    arbitrary initial range); later batches move it by ``1 - decay``. The range always contains
+    zero, as TFLite requires.
+    """
+
+    def __init__(self, decay: float = 0.99, **kwargs):
+        super().__init__(**kwargs)
+        self.decay = float(decay)
+
+    def build(self, input_shape=None):
+        self.range_min = self.add_weight(
+            name="range_min", shape=(), initializer=keras.initializers.Constant(-6.0),
+            trainable=False)
+        self.range_max = self.add_weight(
+            name="range_max", shape=(), initializer=keras.initializers.Constant(6.0),
+            trainable=False)
+        self.seen = self.add_weight(name="seen", shape=(), initializer="zeros", trainable=False)
+        self.built = True
+
+    def call(self, x, training=False):
+        if training:
+            x_stop = ops.stop_gradient(ops.cast(x, "float32"))
+            batch_min = ops.minimum(ops.min(x_stop), 0.0)
+            batch_max = ops.maximum(ops.max(x_stop), 0.0)
+            first = ops.equal(self.seen, 0.0)
+            d = self.decay
+            new_min = ops.where(first, batch_min, d * self.range_min + (1 - d) * batch_min)
+            new_max = ops.where(first, batch_max, d * self.range_max + (1 - d) * batch_max)
+            self.range_min.assign(new_min)
+            self.range_max.assign(new_max)
+            self.seen.assign(1.0)
+            lo, hi = new_min, new_max
+        else:
+            lo, hi = self.range_min, self.range_max
+        hi = ops.maximum(hi, lo + 1e-6)
+        return keras.quantizers.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
+
+    def get_config(self):
+        return {**super().get_config(), "decay": self.decay}
+
+
+@keras.saving.register_keras_serializable(package="collabopt")
+class OptimizedLayer(keras.layers.Layer):
+    """Host layer + per-weight transform chains (+ optional activation ranges for QAT)."""
+
+    def __init__(self, layer, chains=None, quantize_input=False, quantize_output=False, **kwargs):
+        kwargs.setdefault("name", layer.name)
+        super().__init__(**kwargs)
+        self.layer = layer
+        chains = chains or {}
+        # Flat list (tracked by Keras for saving) plus the weight each transform belongs to.
+        self.chain_weights = [name for name, chain in chains.items() for _ in chain]
+        self.transforms = [t for chain in chains.values() for t in chain]
+        self.quantize_input = bool(quantize_input)
+        self.quantize_output = bool(quantize_output)
+        self.input_range = ActivationRange(name="input_range") if quantize_input else None
+        self.output_range = ActivationRange(name="output_range") if quantize_output else None
+
+    # --- structure ---------------------------------------------------------------------
+    @property
+    def chains(self) -> dict[str, list[Transform]]:
+        out: dict[str, list[Transform]] = {}
+        for name, t in zip(self.chain_weights, self.transforms, strict=True):
+            out.setdefault(name, []).append(t)
+        return out
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self._targets = {}
+        for name, chain in self.chains.items():
+            var = registry.find_variable(self.layer, name)
+            self._targets[name] = (var, registry.variable_attribute(self.layer, var))
+            for t in chain:
+                if not t.built:
+                    t.build_for(var.shape)
+        self.step = self.add_weight(name="step", shape=(), dtype="int32", initializer="zeros",
+                                    trainable=False)
+        if self.input_range is not None:
+            self.input_range.build()
+        if self.output_range is not None:
+            self.output_range.build()
+        self.built = True
+
+    def initialize_transforms(self) -> None:
+        """Initialise every transform from the host layer's current weights (wrap time)."""
+        for name, chain in self.chains.items():
+            w = keras.ops.convert_to_numpy(self._targets[name][0].value)
+            for t in chain:
+                t.initialize(w)
+                w = keras.ops.convert_to_numpy(t.apply(ops.convert_to_tensor(w)))
+
+    # --- forward -------------------------------------------------------------------------
+    def transformed_weight(self, name: str, training: bool = False, upto_export: bool = False):
+        """The chain's output for weight ``name``; ``upto_export`` stops before kept-at-export
+        transforms (used by strip to bake the rest into the weight)."""
+        var = self._targets[name][0]
+        w = var.value
+        for t in self.chains[name]:
+            if upto_export and t.kept_at_export:
+                break
+            if training:
+                t.update(w, self.step.value)
+            w = t.apply(w, training=training)
+        return w
+
+    def call(self, inputs, training=None, **kwargs):
+        training = bool(training)
+        if self.input_range is not None:
+            inputs = self.input_range(inputs, training=training)
+        swapped = {}
+        for name in self.chains:
+            swapped[name] = self.transformed_weight(name, training=training)
+        if training:
+            self.step.assign_add(1)
+        originals = {}
+        try:
+            for name, tensor in swapped.items():
+                var, attr = self._targets[name]
+                originals[attr] = var
+                object.__setattr__(self.layer, attr, tensor)
+            outputs = self.layer(inputs, **kwargs)
+        finally:
+            for attr, var in originals.items():
+                object.__setattr__(self.layer, attr, var)
+        if self.output_range is not None:
+            outputs = self.output_range(outputs, training=training)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    # --- serialization -------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            layer=keras.saving.serialize_keras_object(self.layer),
+            chains={name: [keras.saving.serialize_keras_object(t) for t in chain]
+                    for name, chain in self.chains.items()},
+            quantize_input=self.quantize_input,
+            quantize_output=self.quantize_output,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"))
+        chains = {name: [keras.saving.deserialize_keras_object(t) for t in chain]
+                  for name, chain in config.pop("chains").items()}
+        return cls(layer, chains=chains, **config)
+
+    def describe(self) -> str:
+        parts = [f"{name}: " + " -> ".join(type(t).__name__ for t in chain)
+                 for name, chain in self.chains.items()]
+        return f"{self.name} ({type(self.layer).__name__}) " + "; ".join(parts)
+
+
+def numpy_weight(layer: OptimizedLayer, name: str, upto_export: bool = False) -> np.ndarray:
+    return keras.ops.convert_to_numpy(layer.transformed_weight(name, upto_export=upto_export))
