@@ -167,12 +167,15 @@ def apply_to_model(
     layers: LayerSelector = None,
     verbose: bool = True,
     min_weights: int = 32,
+    wrap_other: Callable[[keras.layers.Layer], tuple[dict, dict] | None] | None = None,
 ) -> keras.Model:
     """Shared engine of prune/cluster/quantize: select layers, wrap them, report.
 
-    ``make_chains(layer, specs, explicit)`` returns ``{weight name: [transforms]}`` or a string
-    saying why the layer is skipped. ``explicit`` is True when the user named the layer, in
-    which case a skip reason becomes a ValueError.
+    ``make_chains(layer, specs, explicit)`` returns ``{weight name: [transforms]}`` (optionally
+    with a dict of wrapper options, as a pair) or a string saying why the layer is skipped.
+    ``explicit`` is True when the user named the layer, in which case a skip reason becomes a
+    ValueError. ``wrap_other(layer)`` may wrap layers outside the registry (QAT activation
+    ranges) by returning ``(chains, options)``.
     """
     ensure_built(model)
     match, names = _matcher(layers)
@@ -189,6 +192,9 @@ def apply_to_model(
             return None
         base = layer.layer if isinstance(layer, OptimizedLayer) else layer
         specs = registry.weight_specs(base)
+        if specs is None and wrap_other is not None and not base.weights:
+            other = wrap_other(layer)
+            return None if other is None else wrap(layer, other[0], **other[1])
         if specs is None:
             if explicit:
                 raise ValueError(
@@ -203,13 +209,16 @@ def apply_to_model(
             summary.skipped[layer.name] = f"only {size} weights"
             return None
         chains = make_chains(layer, list(specs), explicit)
+        options = {}
+        if isinstance(chains, tuple):
+            chains, options = chains
         if isinstance(chains, str):
             if explicit:
                 raise ValueError(f"collabopt.{action} cannot handle layer {layer.name!r}: "
                                  f"{chains}")
             summary.skipped[layer.name] = chains
             return None
-        wrapped = wrap(layer, chains)
+        wrapped = wrap(layer, chains, **options)
         summary.wrapped.append(layer.name)
         return wrapped
 
@@ -224,20 +233,17 @@ def apply_to_model(
     return result
 
 
-def wrap(layer: keras.layers.Layer, chains: dict) -> OptimizedLayer:
+def wrap(layer: keras.layers.Layer, chains: dict, **options) -> OptimizedLayer:
     """Wrap a copy of ``layer`` (appending to its chains when it is already wrapped)."""
     if isinstance(layer, OptimizedLayer):
         merged = {name: list(chain) for name, chain in copy_layer(layer).chains.items()}
-        host = copy_layer(layer.layer)
-        old_values = [v.numpy() for v in layer.weights]
         for name, chain in chains.items():
             merged.setdefault(name, []).extend(chain)
-        new = OptimizedLayer(host, merged, quantize_input=layer.quantize_input,
-                             quantize_output=layer.quantize_output)
-        new.build(layer.layer.get_build_config()["input_shape"])
-        # Carry over existing state (host weights, old transforms, step), then init new ones.
-        for var, value in zip(new.weights, old_values, strict=False):
-            var.assign(value)
+        options = {"quantize_input": layer.quantize_input,
+                   "quantize_output": layer.quantize_output, **options}
+        new = OptimizedLayer(copy_layer(layer.layer), merged, **options)
+        new.build(input_shape(layer))
+        new.step.assign(layer.step.value)  # copies carry host weights and old transform state
         for name, chain in chains.items():
             w = numpy_chain_output(new, name, stop_before=chain[0])
             for t in chain:
@@ -245,10 +251,23 @@ def wrap(layer: keras.layers.Layer, chains: dict) -> OptimizedLayer:
                 w = keras.ops.convert_to_numpy(t.apply(keras.ops.convert_to_tensor(w)))
         return new
     host = copy_layer(layer)
-    new = OptimizedLayer(host, chains)
-    new.build(layer.get_build_config()["input_shape"])
+    new = OptimizedLayer(host, chains, **options)
+    new.build(input_shape(layer))
     new.initialize_transforms()
     return new
+
+
+def input_shape(layer: keras.layers.Layer):
+    """The input shape a layer was built with (from its build config or its first call)."""
+    config = layer.get_build_config() or {}
+    if config.get("input_shape") is not None:
+        return config["input_shape"]
+    if layer._inbound_nodes:
+        shapes = [tuple(t.shape) for t in layer._inbound_nodes[0].input_tensors]
+        return shapes[0] if len(shapes) == 1 else shapes
+    if isinstance(layer, OptimizedLayer):
+        return input_shape(layer.layer)
+    raise ValueError(f"cannot tell the input shape of layer {layer.name!r}: build it first")
 
 
 def current_weight(layer: keras.layers.Layer, name: str) -> "np.ndarray":  # noqa: F821
@@ -292,7 +311,7 @@ def strip(model: keras.Model, keep_quantization: bool = False) -> keras.Model:
         kept = {name: chain for name, chain in kept.items() if chain}
         new = OptimizedLayer(host, kept, quantize_input=layer.quantize_input,
                              quantize_output=layer.quantize_output)
-        new.build(layer.layer.get_build_config()["input_shape"])
+        new.build(input_shape(layer))
         for src, dst in ((layer.input_range, new.input_range),
                          (layer.output_range, new.output_range)):
             if src is not None:

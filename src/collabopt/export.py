@@ -1,0 +1,170 @@
+"""TFLite (LiteRT) conversion: full-integer int8, dynamic-range, or float.
+
+The model goes through a SavedModel and ``TFLiteConverter.from_saved_model`` (the route
+that accepts every converter option). A QAT model is exported with only its fake-quant
+transforms and learned activation ranges left in the graph, so the converter takes its
+scales from training; a plain model needs representative data to calibrate. The file is
+written atomically: a failure never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+QUANTIZATIONS = ("int8", "dynamic", "float")
+
+
+class ExportError(RuntimeError):
+    """The converter could not produce the requested file; the message says why and what to do."""
+
+
+def _is_qat(model) -> bool:
+    from collabopt.core.rewrite import iter_layers
+    from collabopt.core.wrapper import OptimizedLayer
+
+    return any(isinstance(layer, OptimizedLayer)
+               and (layer.quantize_output or layer.quantize_input
+                    or any(t.kept_at_export for t in layer.transforms))
+               for layer in iter_layers(model))
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: folder {parent} is not writable")
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a folder")
+
+
+def _calibration(model, data, max_samples: int):
+    """Representative-data generator after checking shape and dtype against the model."""
+    if isinstance(data, np.ndarray):
+        arrays = [data]
+    elif isinstance(data, (list, tuple)) and all(isinstance(a, np.ndarray) for a in data):
+        arrays = list(data)
+    else:
+        raise TypeError("representative_data must be a numpy array (or a list of arrays, one "
+                        f"per model input), got {type(data).__name__}")
+    inputs = model.inputs if getattr(model, "inputs", None) else None
+    if inputs is not None:
+        if len(arrays) != len(inputs):
+            raise ValueError(f"representative_data has {len(arrays)} array(s) but the model has "
+                             f"{len(inputs)} input(s)")
+        for a, t in zip(arrays, inputs, strict=True):
+            want = tuple(t.shape[1:])
+            if tuple(a.shape[1:]) != want:
+                raise ValueError(f"representative_data samples have shape {a.shape[1:]}, the "
+                                 f"model input expects {want} (arrays are (N, *shape))")
+    for a in arrays:
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"representative_data must be float (the model's float input, "
+                             f"before quantization), got dtype {a.dtype}")
+        if a.shape[0] == 0:
+            raise ValueError("representative_data is empty")
+    n = min(a.shape[0] for a in arrays)
+    take = np.linspace(0, n - 1, min(n, max_samples)).astype(int)
+
+    def gen():
+        for i in take:
+            yield [a[i:i + 1].astype(np.float32) for a in arrays]
+
+    return gen
+
+
+def _input_signature(model):
+    import tensorflow as tf
+
+    if not getattr(model, "inputs", None):
+        return None
+    return [tf.TensorSpec((1, *t.shape[1:]), tf.float32) for t in model.inputs]
+
+
+def export_tflite(
+    model,
+    path: str | os.PathLike,
+    representative_data: np.ndarray | Iterable[np.ndarray] | None = None,
+    quantization: str = "int8",
+    per_channel_weights: bool = True,
+    max_calibration_samples: int = 300,
+) -> Path:
+    """Convert ``model`` (wrapped or plain) to a ``.tflite`` file at ``path`` (batch size 1).
+
+    ``quantization="int8"``: int8 weights, activations, input and output, builtin ops only.
+    Post-training int8 needs ``representative_data``; a QAT model uses its learned ranges.
+    ``per_channel_weights=False`` asks post-training quantization for one scale per tensor,
+    which keeps a per-tensor codebook intact in the file.
+    """
+    import tensorflow as tf
+
+    from collabopt.core.rewrite import ensure_built, is_wrapped, strip
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    path = Path(path)
+    _check_writable(path)
+    ensure_built(model)
+    qat = _is_qat(model)
+    plain = strip(model, keep_quantization=qat and quantization == "int8") \
+        if is_wrapped(model) else model
+    gen = None
+    if quantization == "int8":
+        if representative_data is not None:
+            gen = _calibration(plain, representative_data, max_calibration_samples)
+        elif not qat:
+            raise ValueError(
+                "post-training int8 export needs representative_data: a few hundred float "
+                "input samples, e.g. x_train[:300] (or quantize the model with "
+                "collabopt.quantize first, whose learned ranges need none)")
+
+    with tempfile.TemporaryDirectory(prefix="collabopt-export-") as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        plain.export(saved, format="tf_saved_model", verbose=False,
+                     input_signature=_input_signature(plain))
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantization in ("int8", "dynamic"):
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "int8":
+            if gen is not None:
+                converter.representative_dataset = gen
+            if not qat:
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+            if not per_channel_weights:
+                converter._experimental_disable_per_channel = True
+        try:
+            flatbuffer = converter.convert()
+        except Exception as err:  # noqa: BLE001 - converter errors are long; keep the gist
+            raise ExportError(
+                f"TFLite conversion ({quantization}) of model {plain.name!r} failed: "
+                f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}. "
+                "Full-integer int8 needs every op to have an int8 builtin kernel; use "
+                "quantization='dynamic' or 'float' for models that do not.") from err
+        fd, partial = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial",
+                                       dir=path.parent if str(path.parent) else ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(flatbuffer)
+            os.replace(partial, path)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
+    if quantization == "int8":
+        from collabopt.inspect import inspect as inspect_file
+
+        report = inspect_file(path)
+        bad = report.non_integer_ops
+        if bad:
+            os.remove(path)
+            raise ExportError(f"int8 export of {plain.name!r} left float or custom ops {bad}; "
+                              "the model has ops without int8 kernels")
+    return path

@@ -1,0 +1,240 @@
+"""Look inside deployed ``.tflite`` files: what survived conversion, and does it run.
+
+``inspect`` parses the flatbuffer directly (no interpreter, no TensorFlow) and measures every
+constant weight tensor as stored: sparsity, distinct values per tensor and per output channel,
+entropy. ``verify`` holds the file against the Keras model it came from. ``evaluate_tflite``
+runs it with the LiteRT interpreter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool",
+           7: "int16", 9: "int8", 10: "float64"}
+_NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "uint8": np.uint8,
+       "int64": np.int64, "int16": np.int16, "int8": np.int8, "float64": np.float64,
+       "bool": np.bool_}
+# weight input index -> axis of output channels in the TFLite layout
+_WEIGHT_OPS = {"CONV_2D": (1, 0), "FULLY_CONNECTED": (1, 0), "DEPTHWISE_CONV_2D": (1, 3),
+               "TRANSPOSE_CONV": (1, 0), "CONV_3D": (1, 4), "CONV_3D_TRANSPOSE": (1, 3),
+               "EMBEDDING_LOOKUP": (1, 0), "GATHER": (0, 0), "BATCH_MATMUL": (1, -1)}
+# ops that legitimately carry non-int8 tensors in a full-integer model
+_INTEGER_OK = {"QUANTIZE", "DEQUANTIZE", "SHAPE", "STRIDED_SLICE", "PACK", "RESHAPE",
+               "GATHER", "CAST"}
+
+
+class InvalidModelError(ValueError):
+    """The file is not a readable TFLite model."""
+
+
+class VerificationError(AssertionError):
+    """Structure that the Keras model had did not survive in the ``.tflite`` file."""
+
+
+@dataclass
+class TensorStats:
+    name: str
+    layer: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    quantization: str  # "per-channel", "per-tensor" or "none"
+    n_scales: int
+    size: int
+    sparsity: float
+    unique: int
+    unique_per_channel_max: int
+    unique_per_channel_mean: float
+    entropy_bits: float
+    channel_axis: int = field(repr=False, default=0)
+    values: np.ndarray | None = field(repr=False, default=None, compare=False)
+    scales: np.ndarray | None = field(repr=False, default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("values")
+        d.pop("scales")
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class Report:
+    path: str
+    size_bytes: int
+    zip_bytes: int
+    tensors: list[TensorStats]
+    operators: list[str]
+    non_integer_ops: list[str]
+    input_dtype: str
+    output_dtype: str
+
+    @property
+    def fully_integer(self) -> bool:
+        return not self.non_integer_ops and self.input_dtype == "int8"
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.size * np.dtype(_NP[t.dtype]).itemsize for t in self.tensors)
+
+    @property
+    def entropy_bound_bytes(self) -> int:
+        """Bytes needed by an ideal entropy coder of the weights (the compression limit)."""
+        return int(math.ceil(sum(t.entropy_bits * t.size for t in self.tensors) / 8))
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(t.size for t in self.tensors)
+        return sum(t.sparsity * t.size for t in self.tensors) / max(total, 1)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "size_bytes": self.size_bytes, "zip_bytes": self.zip_bytes,
+                "weight_bytes": self.weight_bytes, "entropy_bound_bytes": self.entropy_bound_bytes,
+                "sparsity": self.sparsity, "fully_integer": self.fully_integer,
+                "input_dtype": self.input_dtype, "output_dtype": self.output_dtype,
+                "operators": self.operators, "non_integer_ops": self.non_integer_ops,
+                "tensors": [t.to_dict() for t in self.tensors]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        head = (f"{self.path}: {self.size_bytes:,} bytes, {self.zip_bytes:,} zipped, "
+                f"weights {self.weight_bytes:,} bytes (entropy bound {self.entropy_bound_bytes:,}),"
+                f" sparsity {self.sparsity:.1%}, "
+                f"{'fully int8' if self.fully_integer else 'NOT fully integer'}")
+        rows = [f"{'layer':<24} {'op':<18} {'shape':<18} {'dtype':<7} {'quant':<12} "
+                f"{'sparsity':>8} {'unique':>7} {'u/ch max':>8} {'u/ch mean':>9} {'bits':>5}"]
+        for t in self.tensors:
+            rows.append(f"{t.layer[:24]:<24} {t.op[:18]:<18} {str(list(t.shape)):<18} "
+                        f"{t.dtype:<7} {t.quantization + '/' + str(t.n_scales):<12} "
+                        f"{t.sparsity:>8.1%} {t.unique:>7} {t.unique_per_channel_max:>8} "
+                        f"{t.unique_per_channel_mean:>9.1f} {t.entropy_bits:>5.2f}")
+        ops = "operators: " + ", ".join(self.operators)
+        flagged = ("non-integer ops: " + ", ".join(self.non_integer_ops)
+                   if self.non_integer_ops else "")
+        return "\n".join([head, *rows, ops] + ([flagged] if flagged else []))
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _zip_size(data: bytes, name: str) -> int:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, data)
+    return buf.getbuffer().nbytes
+
+
+def _entropy(values: np.ndarray) -> float:
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _layer_name(tensor_name: str) -> str:
+    """Best-effort Keras layer name from a converter tensor name."""
+    first = tensor_name.split(";")[0]
+    parts = [p for p in first.split("/") if p]
+    name = parts[1] if len(parts) > 2 else parts[0] if parts else tensor_name
+    base, _, suffix = name.rpartition("_")
+    return base if suffix.isdigit() and base else name
+
+
+def _load(path) -> tuple[bytes, object]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such .tflite file: {path}")
+    data = path.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise InvalidModelError(f"{path} is not a TFLite model (no 'TFL3' identifier; "
+                                f"{len(data)} bytes). Export one with collabopt.export_tflite.")
+    try:
+        model = schema.ModelT.InitFromPackedBuf(data, 0)
+        if not model.subgraphs:
+            raise ValueError("no subgraphs")
+    except Exception as err:  # noqa: BLE001 - any parse failure means a damaged file
+        raise InvalidModelError(f"{path} is a damaged or truncated TFLite file ({err!r})") from err
+    return data, model
+
+
+def inspect(path: str | os.PathLike) -> Report:
+    """Per-weight-tensor statistics of a ``.tflite`` file, read from the flatbuffer."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data, model = _load(path)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+    def op_name(code):
+        if code.customCode:
+            return "CUSTOM:" + code.customCode.decode(errors="replace")
+        return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "UNKNOWN")
+
+    graph = model.subgraphs[0]
+    tensors, operators, flagged, seen = [], [], [], set()
+    try:
+        for op in graph.operators or []:
+            name = op_name(model.operatorCodes[op.opcodeIndex])
+            operators.append(name)
+            io_types = {_DTYPES.get(graph.tensors[i].type, "?")
+                        for i in list(op.inputs) + list(op.outputs) if i >= 0}
+            if name.startswith("CUSTOM:") or name == "FLEX_DELEGATE" or name.startswith("Flex"):
+                flagged.append(name)
+            elif io_types & {"float32", "float16"} and name not in _INTEGER_OK:
+                flagged.append(f"{name}(float)")
+            if name not in _WEIGHT_OPS:
+                continue
+            idx, axis = _WEIGHT_OPS[name]
+            if idx >= len(op.inputs) or op.inputs[idx] < 0 or op.inputs[idx] in seen:
+                continue
+            t = graph.tensors[op.inputs[idx]]
+            buf = model.buffers[t.buffer]
+            if buf.data is None or len(buf.data) == 0:
+                if buf.offset:
+                    raw = data[buf.offset:buf.offset + buf.size]
+                else:
+                    continue  # not a constant (an activation input)
+            else:
+                raw = bytes(np.asarray(buf.data, dtype=np.uint8))
+            seen.add(op.inputs[idx])
+            tensors.append(_stats(t, raw, name, axis))
+    except (IndexError, TypeError, AttributeError) as err:
+        raise InvalidModelError(f"{path} has inconsistent contents ({err!r})") from err
+    io_dtype = [_DTYPES.get(graph.tensors[i].type, "?") for i in (graph.inputs[0],
+                                                                   graph.outputs[0])]
+    return Report(str(path), len(data), _zip_size(data, Path(path).name), tensors, operators,
+                  sorted(set(flagged)), io_dtype[0], io_dtype[1])
+
+
+def _stats(t, raw: bytes, op: str, axis: int) -> TensorStats:
+    dtype = _DTYPES.get(t.type, "?")
+    shape = tuple(int(s) for s in t.shape)
+    values = np.frombuffer(raw, dtype=_NP[dtype]).reshape(shape)
+    q = t.quantization
+    scales = np.asarray(q.scale) if q is not None and q.scale is not None else None
+    n_scales = 0 if scales is None else int(scales.size)
+    if n_scales > 1:
+        axis = int(q.quantizedDimension)
+    axis = axis % len(shape)
+    per_ch = np.moveaxis(values, axis, 0).reshape(shape[axis], -1)
+    per_ch_unique = 1 + np.count_nonzero(np.diff(np.sort(per_ch, axis=1), axis=1), axis=1)
+    name = t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name)
+    return TensorStats(
+        name=name, layer=_layer_name(name), op=op, shape=shape, dtype=dtype,
+        quantization="none" if n_scales == 0 else "per-tensor" if n_scales == 1 else
+        "per-channel", n_scales=n_scales, size=int(values.size),
+        sparsity=float(np.mean(values == 0)), unique=int(np.unique(values).size),
+        unique_per_channel_max=int(per_ch_unique.max()),
+        unique_per_channel_mean=float(per_ch_unique.mean()), entropy_bits=_entropy(values),
+        channel_axis=axis, values=values, scales=scales)

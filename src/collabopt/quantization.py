@@ -1,0 +1,271 @@
+"""Quantization-aware training that keeps the structure a model already has.
+
+``quantize`` detects, per weight, what earlier stages left behind (zeros -> PQAT, a small
+codebook -> CQAT, both -> PCQAT, per-channel codebooks -> per-channel CQAT/PCQAT) and builds
+the chain ``[keep zeros / keep codebook] -> int8 fake-quant``. Weights are fake-quantized
+symmetrically (zero stays integer 0, k centroids stay <= k integers): per output channel, as
+the converter does, except where a per-tensor codebook must survive, which gets one scale.
+Activations get EMA ranges at every point TFLite quantizes.
+
+Departure from the design's "append, never replace": ``quantize`` first strips a wrapped
+model, because batch norm must be folded into the weights *before* the chain is built (QAT
+has to see the weights the file will hold) and folding needs plain layers. The structure
+survives the strip by construction, and is detected again from the values.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from collabopt.clustering import ClusterWeights
+from collabopt.core import registry, structure
+from collabopt.core.rewrite import (
+    LayerSelector,
+    apply_to_model,
+    copy_layer,
+    is_wrapped,
+    iter_layers,
+    rewrite,
+    strip,
+)
+from collabopt.core.transform import Transform
+from collabopt.core.wrapper import OptimizedLayer
+from collabopt.pruning import PruneMask
+
+PRESERVE = (None, "none", "sparsity", "clusters", "all")
+
+
+@keras.saving.register_keras_serializable(package="collabopt")
+class WeightFakeQuant(Transform):
+    """Symmetric int8 fake-quant, narrow range [-127, 127], straight-through gradient."""
+
+    kept_at_export = True
+
+    def __init__(self, per_channel: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.per_channel = bool(per_channel)
+
+    def apply(self, w, training=False):
+        rank = len(w.shape)
+        axes = [a % rank for a in self.channel_axes]
+        if self.per_channel and axes == list(range(rank - len(axes), rank)):
+            shape = w.shape
+            w_c = ops.reshape(w, tuple(shape[: rank - len(axes)]) + (-1,)) if len(axes) > 1 else w
+            reduce = tuple(range(len(w_c.shape) - 1))
+            bound = ops.maximum(ops.stop_gradient(ops.max(ops.abs(w_c), axis=reduce)), 1e-8)
+            q = keras.quantizers.fake_quant_with_min_max_vars(
+                w_c, -bound, bound, num_bits=8, narrow_range=True, axis=-1)
+            return ops.reshape(q, shape)
+        bound = ops.maximum(ops.stop_gradient(ops.max(ops.abs(w))), 1e-8)
+        return keras.quantizers.fake_quant_with_min_max_vars(
+            w, -bound, bound, num_bits=8, narrow_range=True)
+
+    def get_config(self):
+        return {**super().get_config(), "per_channel": self.per_channel}
+
+
+# --- batch norm folding ------------------------------------------------------------------
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+             keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
+def _foldable(producer, bn) -> bool:
+    if not isinstance(producer, _FOLDABLE) or isinstance(producer, OptimizedLayer):
+        return False
+    if isinstance(producer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                             keras.layers.Conv3DTranspose, keras.layers.SeparableConv1D,
+                             keras.layers.SeparableConv2D)):
+        return False
+    if producer.get_config().get("activation", "linear") not in ("linear", None):
+        return False
+    rank = len(producer.output.shape) if hasattr(producer, "output") else None
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    if axis is None or (axis != -1 and (rank is None or axis != rank - 1)):
+        return False
+    return len(producer._outbound_nodes) <= 1 and len(bn._inbound_nodes) <= 1
+
+
+def _bn_pairs(model) -> dict[int, keras.layers.Layer]:
+    """{id(producer): bn} for every BatchNormalization that directly follows a foldable layer."""
+    pairs: dict[int, keras.layers.Layer] = {}
+    models = [model] + [m for m in _nested_models(model)]
+    for m in models:
+        if isinstance(m, keras.Sequential):
+            seq = m.layers
+            for prev, layer in zip(seq, seq[1:], strict=False):
+                if isinstance(layer, keras.layers.BatchNormalization) and _foldable(prev, layer):
+                    pairs[id(prev)] = layer
+            continue
+        for layer in m.layers:
+            if not isinstance(layer, keras.layers.BatchNormalization) or not layer._inbound_nodes:
+                continue
+            inputs = layer._inbound_nodes[0].input_tensors
+            if len(inputs) != 1:
+                continue
+            producer = inputs[0]._keras_history.operation
+            if _foldable(producer, layer):
+                pairs[id(producer)] = layer
+    return pairs
+
+
+def _nested_models(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield layer
+            yield from _nested_models(layer)
+
+
+def _fold(producer, bn) -> keras.layers.Layer:
+    kernel = producer.get_weights()[0]
+    weights = dict(zip([v.name for v in bn.weights], bn.get_weights(), strict=True))
+    n = weights["moving_mean"].shape[0]
+    gamma = weights.get("gamma", np.ones(n))
+    beta = weights.get("beta", np.zeros(n))
+    scale = gamma / np.sqrt(weights["moving_variance"] + bn.epsilon)
+    bias = producer.get_weights()[1] if producer.use_bias else np.zeros(n)
+    if isinstance(producer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        new_kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
+    else:
+        new_kernel = kernel * scale
+    new_bias = (bias - weights["moving_mean"]) * scale + beta
+    config = producer.get_config()
+    config["use_bias"] = True
+    folded = producer.__class__.from_config(config)
+    folded.build_from_config(producer.get_build_config())
+    folded.set_weights([new_kernel.astype("float32"), new_bias.astype("float32")])
+    return folded
+
+
+@keras.saving.register_keras_serializable(package="collabopt")
+class FoldedBatchNorm(keras.layers.Layer):
+    """Marks where a BatchNormalization was folded away: the identity (keeps layer names)."""
+
+    def call(self, inputs, **kwargs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def fold_batchnorm(model: keras.Model) -> keras.Model:
+    """Return an equivalent model with each BatchNormalization folded into the conv, depthwise
+    or dense layer before it (bias created when missing; the BN becomes an Identity).
+
+    Fold before clustering per tensor: folding afterwards rescales each output channel and
+    multiplies the number of distinct values per tensor in the deployed file.
+    """
+    if is_wrapped(model):
+        raise ValueError("fold_batchnorm needs a plain model: call collabopt.strip(model) first")
+    pairs = _bn_pairs(model)
+    bns = {id(bn) for bn in pairs.values()}
+
+    def replace(layer):
+        if id(layer) in pairs:
+            return _fold(layer, pairs[id(layer)])
+        if id(layer) in bns:
+            return FoldedBatchNorm(name=layer.name)
+        return None
+
+    return rewrite(model, replace)
+
+
+# --- quantize ----------------------------------------------------------------------------
+def _input_consumers(model) -> set[str]:
+    if isinstance(model, keras.Sequential):
+        return {model.layers[0].name} if model.layers else set()
+    inputs = {id(t) for t in getattr(model, "inputs", None) or []}
+    names = set()
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            if any(id(t) in inputs for t in node.input_tensors):
+                names.add(layer.name)
+    return names
+
+
+def quantize(
+    model: keras.Model,
+    preserve: str | None = None,
+    layers: LayerSelector = None,
+    verbose: bool = True,
+) -> keras.Model:
+    """Return a QAT copy of ``model`` (PQAT / CQAT / PCQAT when the weights call for it).
+
+    ``preserve=None`` detects per weight; "none", "sparsity", "clusters" or "all" forces a
+    scheme, and forcing one no selected weight has is an error.
+    """
+    if preserve not in PRESERVE:
+        raise ValueError(f"preserve must be one of {PRESERVE}, got {preserve!r}")
+    if is_wrapped(model):
+        model = strip(model)
+    model = fold_batchnorm(model)
+    consumers = _input_consumers(model)
+    found: dict[str, bool] = {"sparsity": False, "clusters": False}
+
+    def make_chains(layer, specs, explicit):
+        chains = {}
+        for s in specs:
+            w = registry.find_variable(layer, s.name).numpy()
+            st = structure.detect(w, s.channel_axes)
+            keep_zeros = st.sparse and preserve in (None, "sparsity", "all")
+            clustered = st.clustered_per_tensor or st.clustered_per_channel
+            keep_codebook = clustered and preserve in (None, "clusters", "all")
+            found["sparsity"] |= keep_zeros
+            found["clusters"] |= keep_codebook
+            chain: list[Transform] = []
+            axes = dict(channel_axes=s.channel_axes, reduction_axes=s.reduction_axes)
+            if keep_codebook:
+                per_channel = not st.clustered_per_tensor
+                rows = (registry.channels_first_2d_np(w, s.channel_axes) if per_channel
+                        else w.reshape(1, -1))
+                if keep_zeros:
+                    k = 1 + max(np.unique(r[r != 0]).size for r in rows)
+                else:
+                    k = int(structure.unique_per_channel(rows).max())
+                chain.append(ClusterWeights(max(k, 3 if keep_zeros else 2), init="linear",
+                                            per_channel=per_channel,
+                                            preserve_sparsity=keep_zeros, **axes))
+            elif keep_zeros:
+                chain.append(PruneMask({"kind": "ConstantSparsity", "target": st.sparsity,
+                                        "begin_step": 0, "end_step": 0, "frequency": 1},
+                                       **axes))
+            chain.append(WeightFakeQuant(
+                per_channel=not (keep_codebook and st.clustered_per_tensor), **axes))
+            chains[s.name] = chain
+        return chains, {"quantize_output": True, "quantize_input": layer.name in consumers}
+
+    def wrap_other(layer):
+        if isinstance(layer, keras.layers.InputLayer):
+            return None
+        pass_through = isinstance(layer, (*registry.PASS_THROUGH, keras.layers.Identity,
+                                          FoldedBatchNorm))
+        if pass_through and layer.name not in consumers:
+            return None
+        return {}, {"quantize_output": not pass_through,
+                    "quantize_input": layer.name in consumers}
+
+    result = apply_to_model(model, "quantize", make_chains, layers=layers, verbose=verbose,
+                            min_weights=0, wrap_other=wrap_other)
+    for scheme in ("sparsity", "clusters"):
+        if preserve in (scheme, "all") and not found[scheme]:
+            raise ValueError(
+                f"quantize(preserve={preserve!r}): no selected weight has {scheme} to preserve "
+                f"(detected from the weights: {scheme} absent). Prune/cluster first, or use "
+                "preserve=None to detect.")
+    return result
+
+
+def scheme_of(model: keras.Model) -> str:
+    """"QAT", "PQAT", "CQAT" or "PCQAT" from the chains of a quantized model."""
+    sparse = clustered = False
+    for layer in iter_layers(model):
+        if isinstance(layer, OptimizedLayer):
+            for t in layer.transforms:
+                sparse |= isinstance(t, PruneMask) or getattr(t, "preserve_sparsity", False)
+                clustered |= isinstance(t, ClusterWeights)
+    return {(False, False): "QAT", (True, False): "PQAT", (False, True): "CQAT",
+            (True, True): "PCQAT"}[(sparse, clustered)]
+
+
+__all__ = ["quantize", "fold_batchnorm", "WeightFakeQuant", "scheme_of", "copy_layer"]
