@@ -159,7 +159,7 @@ def export_tflite(
                 os.remove(partial)
             raise
     if quantization == "int8":
-        from collabopt.inspect import inspect as inspect_file
+        from collabopt.inspection import inspect as inspect_file
 
         report = inspect_file(path)
         bad = report.non_integer_ops

@@ -4,6 +4,9 @@
 constant weight tensor as stored: sparsity, distinct values per tensor and per output channel,
 entropy. ``verify`` holds the file against the Keras model it came from. ``evaluate_tflite``
 runs it with the LiteRT interpreter.
+
+(Named ``inspection`` rather than the design's ``inspect.py``: a submodule called ``inspect``
+would replace the ``collabopt.inspect`` function on the package once imported.)
 """
 
 from __future__ import annotations
@@ -238,3 +241,204 @@ def _stats(t, raw: bytes, op: str, axis: int) -> TensorStats:
         unique_per_channel_max=int(per_ch_unique.max()),
         unique_per_channel_mean=float(per_ch_unique.mean()), entropy_bits=_entropy(values),
         channel_axis=axis, values=values, scales=scales)
+
+
+# --- verify --------------------------------------------------------------------------------
+@dataclass
+class WeightCheck:
+    layer: str
+    weight: str
+    found: bool
+    keras_sparsity: float = 0.0
+    file_sparsity: float = 0.0
+    zeros_lost: int = 0
+    keras_unique: int = 0
+    file_unique: int = 0
+    keras_unique_per_channel_max: int = 0
+    file_unique_per_channel_max: int = 0
+
+    @property
+    def problems(self) -> list[str]:
+        if not self.found:
+            return ["missing from the file"]
+        out = []
+        if self.zeros_lost:
+            out.append(f"{self.zeros_lost} zero(s) became non-zero")
+        if self.file_unique > self.keras_unique:
+            out.append(f"unique per tensor grew {self.keras_unique} -> {self.file_unique}")
+        if self.file_unique_per_channel_max > self.keras_unique_per_channel_max:
+            out.append(f"unique per channel grew {self.keras_unique_per_channel_max} -> "
+                       f"{self.file_unique_per_channel_max}")
+        return out
+
+
+def _layouts(w: np.ndarray, shape: tuple[int, ...], channel_axes: tuple[int, ...]):
+    """Candidate TFLite layouts of a Keras weight: channels moved first, or kept last."""
+    rank = w.ndim
+    axes = [a % rank for a in channel_axes]
+    rest = [a for a in range(rank) if a not in axes]
+    out = []
+    for perm in (axes + rest, rest + axes):
+        moved = np.transpose(w, perm)
+        if moved.size == int(np.prod(shape)):
+            out.append(moved.reshape(shape))
+    return out
+
+
+def _dequantize(t: TensorStats) -> np.ndarray:
+    v = t.values.astype(np.float64)
+    if t.scales is None or t.scales.size == 0:
+        return v
+    if t.scales.size == 1:
+        return v * float(t.scales[0])
+    shape = [1] * v.ndim
+    shape[t.channel_axis] = -1
+    return v * t.scales.reshape(shape)
+
+
+def verify(path: str | os.PathLike, model) -> list[WeightCheck]:
+    """Check that the file keeps the model's structure; raise VerificationError if not.
+
+    For every optimizable weight of ``model`` (wrapped models are stripped first): it is in the
+    file; each zero of the Keras weight is a zero in the file; distinct values per tensor and
+    per output channel did not grow. Returns the per-weight checks when all pass.
+    """
+    from collabopt.core import registry, structure
+    from collabopt.core.rewrite import is_wrapped, iter_layers, strip
+
+    report = inspect(path)
+    plain = strip(model) if is_wrapped(model) else model
+    checks: list[WeightCheck] = []
+    used: set[int] = set()
+    for layer in iter_layers(plain):
+        specs = registry.weight_specs(layer)
+        if not specs:
+            continue
+        for spec in specs:
+            w = registry.find_variable(layer, spec.name).numpy()
+            st = structure.detect(w, spec.channel_axes)
+            check = WeightCheck(layer.name, spec.name, False, st.sparsity, 0.0, 0, st.unique, 0,
+                                st.unique_per_channel_max, 0)
+            best = None
+            for i, t in enumerate(report.tensors):
+                if i in used or t.size != w.size:
+                    continue
+                for cand in _layouts(w, t.shape, spec.channel_axes):
+                    err = float(np.mean((_dequantize(t) - cand) ** 2))
+                    bonus = 0 if t.layer == layer.name else 1
+                    key = (bonus, err)
+                    if best is None or key < best[0]:
+                        best = (key, i, t, cand)
+            if best is not None:
+                _, i, t, cand = best
+                used.add(i)
+                check.found = True
+                check.file_sparsity = t.sparsity
+                check.zeros_lost = int(np.count_nonzero((cand == 0) & (t.values != 0)))
+                check.file_unique = t.unique
+                check.file_unique_per_channel_max = t.unique_per_channel_max
+            checks.append(check)
+    broken = [c for c in checks if c.problems]
+    if broken:
+        rows = "\n".join(f"  {c.layer}.{c.weight}: " + "; ".join(c.problems) for c in broken)
+        raise VerificationError(
+            f"{path}: structure of {len(broken)} weight(s) did not survive conversion:\n{rows}\n"
+            "Typical causes: batch norm folded by the converter after per-tensor clustering "
+            "(call collabopt.fold_batchnorm before clustering) or per-channel weight scales "
+            "on a per-tensor codebook (export with per_channel_weights=False).")
+    return checks
+
+
+# --- evaluate ------------------------------------------------------------------------------
+def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
+                    batch_size: int = 64, num_threads: int | None = None,
+                    verbose: bool | None = None) -> float:
+    """Top-1 accuracy of the ``.tflite`` model on ``(x, y)`` with the LiteRT interpreter.
+
+    Inputs are quantized with the file's own input scale (int8 models take float data);
+    batches run when the file allows resizing its batch dimension, else one sample at a time.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    _load(path)  # clear error for a missing or damaged file
+    x = np.asarray(x)
+    y = np.asarray(y).reshape(-1)
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads or os.cpu_count())
+    inp = interpreter.get_input_details()[0]
+    if tuple(inp["shape"][1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"{path} expects inputs of shape {tuple(inp['shape'][1:])}, "
+                         f"got samples of shape {x.shape[1:]}")
+    batch = _try_batch(interpreter, batch_size)
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    verbose = len(x) >= 5000 if verbose is None else verbose
+    progress = None
+    if verbose:
+        from keras.utils import Progbar
+
+        progress = Progbar(len(x), unit_name="sample")
+    correct = 0
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        interpreter.set_tensor(inp["index"], _quantize_input(chunk, inp))
+        interpreter.invoke()
+        logits = interpreter.get_tensor(out["index"])[:n]
+        correct += int(np.sum(np.argmax(logits.reshape(n, -1), axis=1) == y[start:start + n]))
+        if progress is not None:
+            progress.update(min(start + batch, len(x)))
+    return correct / len(x)
+
+
+def _quantize_input(x: np.ndarray, detail) -> np.ndarray:
+    if detail["dtype"] in (np.int8, np.uint8):
+        scale, zero = detail["quantization"]
+        info = np.iinfo(detail["dtype"])
+        q = np.round(x.astype(np.float32) / scale + zero)
+        return np.clip(q, info.min, info.max).astype(detail["dtype"])
+    return x.astype(detail["dtype"])
+
+
+def _try_batch(interpreter, batch_size: int) -> int:
+    """Resize the batch dimension if the graph allows it (outputs must follow); else 1."""
+    inp = interpreter.get_input_details()[0]
+    out_shape = tuple(interpreter.get_output_details()[0]["shape"])
+    if batch_size > 1:
+        try:
+            interpreter.resize_tensor_input(inp["index"], [batch_size, *inp["shape"][1:]])
+            interpreter.allocate_tensors()
+            probe = np.zeros([batch_size, *inp["shape"][1:]], dtype=inp["dtype"])
+            interpreter.set_tensor(inp["index"], probe)
+            interpreter.invoke()
+            got = interpreter.get_output_details()[0]["shape"]
+            if got[0] == batch_size and tuple(got[1:]) == out_shape[1:]:
+                return batch_size
+        except (RuntimeError, ValueError):
+            pass
+        interpreter.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]])
+    interpreter.allocate_tensors()
+    return 1
+
+
+def latency_ms(path: str | os.PathLike, runs: int = 50, num_threads: int = 1) -> float:
+    """Median batch-1 inference time in milliseconds with the LiteRT interpreter."""
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    interpreter.set_tensor(inp["index"], np.zeros(inp["shape"], dtype=inp["dtype"]))
+    for _ in range(3):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        interpreter.invoke()
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
