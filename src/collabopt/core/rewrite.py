@@ -43,7 +43,7 @@ def copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
 def ensure_built(model: keras.Model) -> None:
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
-    if not model.built or not model.weights:
+    if not model.built:
         raise ValueError(
             f"model {model.name!r} is not built: call it on data or build it with "
             "model.build(input_shape) (or give it an Input) before optimizing it.")
@@ -79,6 +79,8 @@ def rewrite(model: keras.Model,
     """Copy ``model``; each leaf layer becomes ``replace(layer)`` or, if None, a plain copy."""
 
     def clone(layer):
+        if not isinstance(layer, keras.layers.Layer):  # a stateless op such as `x * 2.0`
+            return layer
         if isinstance(layer, keras.layers.InputLayer):
             return layer.__class__.from_config(layer.get_config())
         if isinstance(layer, keras.Model) and not isinstance(layer, OptimizedLayer):
@@ -87,7 +89,13 @@ def rewrite(model: keras.Model,
         return copy_layer(layer) if new is None else new
 
     if _is_functional_like(model):
-        out = keras.models.clone_model(model, clone_function=clone, recursive=False)
+        inputs = None
+        if not isinstance(model, keras.Sequential) and getattr(model, "inputs", None):
+            inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                                  name=t._keras_history.operation.name) for t in model.inputs]
+            inputs = inputs[0] if len(inputs) == 1 else inputs
+        out = keras.models.clone_model(model, clone_function=clone, recursive=False,
+                                       input_tensors=inputs)
         if not out.built and model.built:
             out.build_from_config(model.get_build_config())
         return out
@@ -95,7 +103,8 @@ def rewrite(model: keras.Model,
 
 
 def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
-    build_config = model.get_build_config()
+    """Rebuild a subclassed model from its config, then put a clone of each layer the
+    original holds as an attribute (or in a list attribute) in the same place."""
     try:
         config = keras.saving.serialize_keras_object(model)
         new = keras.saving.deserialize_keras_object(
@@ -104,29 +113,29 @@ def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
         raise ValueError(
             f"cannot copy subclassed model {type(model).__name__}: it must implement "
             f"get_config()/from_config() ({err})") from err
-    if build_config:
-        new.build_from_config(build_config)
-    new.set_weights(model.get_weights())
     cache: dict[int, keras.layers.Layer] = {}
+    replaced: dict[int, keras.layers.Layer] = {}
 
-    def swap(owner):
-        for attr, value in list(vars(owner).items()):
-            if attr.startswith("_") or not isinstance(value, (keras.layers.Layer, list)):
-                continue
-            items = value if isinstance(value, list) else [value]
-            replaced = []
-            for item in items:
-                if isinstance(item, keras.layers.Layer):
-                    if id(item) not in cache:
-                        cache[id(item)] = clone(item)
-                    replaced.append(cache[id(item)])
-                else:
-                    replaced.append(item)
-            new_value = replaced if isinstance(value, list) else replaced[0]
-            object.__setattr__(owner, attr, new_value)
-        owner._layers[:] = [cache.get(id(layer), layer) for layer in owner._layers]
+    def cloned(item):
+        if id(item) not in cache:
+            cache[id(item)] = clone(item)
+        return cache[id(item)]
 
-    swap(new)
+    for attr, value in vars(model).items():
+        if attr.startswith("_"):
+            continue
+        old_new = getattr(new, attr, None)
+        if isinstance(value, keras.layers.Layer):
+            object.__setattr__(new, attr, cloned(value))
+            if old_new is not None:
+                replaced[id(old_new)] = cache[id(value)]
+        elif isinstance(value, list) and any(isinstance(v, keras.layers.Layer) for v in value):
+            items = [cloned(v) if isinstance(v, keras.layers.Layer) else v for v in value]
+            for before, after in zip(old_new or [], items, strict=False):
+                replaced[id(before)] = after
+            object.__setattr__(new, attr, items)
+    new._layers[:] = [replaced.get(id(layer), layer) for layer in new._layers]
+    new.built = True
     return new
 
 
