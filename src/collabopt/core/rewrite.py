@@ -144,7 +144,8 @@ def _matcher(layers: LayerSelector):
     if layers is None:
         return None, set()
     if callable(layers) and not isinstance(layers, type):
-        return layers, set()
+        # a predicate selects softly: matched layers the registry cannot handle are skipped
+        return (lambda layer: "soft" if layers(layer) else False), set()
     items = [layers] if isinstance(layers, (str, type)) else list(layers)
     names = {i for i in items if isinstance(i, str)}
     classes = tuple(i for i in items if isinstance(i, type))
@@ -196,9 +197,10 @@ def apply_to_model(
     summary = Summary(action)
 
     def replace(layer):
-        explicit = match is not None and bool(match(layer))
-        if match is not None and not explicit:
+        selected = match(layer) if match is not None else True
+        if not selected:
             return None
+        explicit = match is not None and selected != "soft"
         base = layer.layer if isinstance(layer, OptimizedLayer) else layer
         specs = registry.weight_specs(base)
         if specs is None and wrap_other is not None and not base.weights:
