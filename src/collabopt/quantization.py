@@ -209,8 +209,7 @@ def quantize(
             w = registry.find_variable(layer, s.name).numpy()
             st = structure.detect(w, s.channel_axes)
             keep_zeros = st.sparse and preserve in (None, "sparsity", "all")
-            clustered = st.clustered_per_tensor or st.clustered_per_channel
-            keep_codebook = clustered and preserve in (None, "clusters", "all")
+            keep_codebook = st.clustered and preserve in (None, "clusters", "all")
             found["sparsity"] |= keep_zeros
             found["clusters"] |= keep_codebook
             chain: list[Transform] = []
@@ -230,8 +229,9 @@ def quantize(
                 chain.append(PruneMask({"kind": "ConstantSparsity", "target": st.sparsity,
                                         "begin_step": 0, "end_step": 0, "frequency": 1},
                                        **axes))
+            per_tensor_codebook = keep_codebook and st.clustered_per_tensor
             chain.append(WeightFakeQuant(
-                per_channel=not (keep_codebook and st.clustered_per_tensor), **axes))
+                per_channel=s.int8_per_channel and not per_tensor_codebook, **axes))
             chains[s.name] = chain
         return chains, {"quantize_output": True, "quantize_input": layer.name in consumers}
 

@@ -21,25 +21,29 @@ class WeightSpec:
         depthwise kernel ``(kh, kw, in, mult)`` these are ``(-2, -1)``: TFLite stores it as
         ``(1, kh, kw, in*mult)`` and quantizes along that last, flattened axis.
     reduction_axes: axes summed over by the layer (the m:n groups run along them).
+    int8_per_channel: whether the TFLite kernel takes per-channel weight scales. The converter
+        transposes FULLY_CONNECTED weights and rejects a per-channel fake-quant on them, so
+        Dense-like weights are quantized per tensor, as post-training conversion does.
     """
 
     name: str
     channel_axes: tuple[int, ...]
     reduction_axes: tuple[int, ...]
+    int8_per_channel: bool = True
 
 
 _L = keras.layers
 
-_DENSE = (WeightSpec("kernel", (-1,), (0,)),)
+_DENSE = (WeightSpec("kernel", (-1,), (0,), int8_per_channel=False),)
 _CONV = (WeightSpec("kernel", (-1,), (-2,)),)
-_CONV_TRANSPOSE = (WeightSpec("kernel", (-2,), (-1,)),)
+_CONV_TRANSPOSE = (WeightSpec("kernel", (-2,), (-1,), int8_per_channel=False),)
 _DEPTHWISE_1D = (WeightSpec("kernel", (-2, -1), (0,)),)
 _DEPTHWISE_2D = (WeightSpec("kernel", (-2, -1), (0, 1)),)
 
 _REGISTRY: dict[type, tuple[WeightSpec, ...]] = {
     _L.Dense: _DENSE,
     _L.EinsumDense: _DENSE,
-    _L.Embedding: (WeightSpec("embeddings", (0,), (-1,)),),
+    _L.Embedding: (WeightSpec("embeddings", (0,), (-1,), int8_per_channel=False),),
     _L.Conv1D: _CONV,
     _L.Conv2D: _CONV,
     _L.Conv3D: _CONV,

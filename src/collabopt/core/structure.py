@@ -1,5 +1,12 @@
 """Structure detected from weight values: the one place that decides what "sparse" and
-"clustered" mean, shared by cluster() (sparsity to keep) and quantize() (PQAT/CQAT/PCQAT)."""
+"clustered" mean, shared by cluster() (sparsity to keep) and quantize() (PQAT/CQAT/PCQAT).
+
+A weight counts as clustered when its non-zero values repeat (float weights that were never
+clustered practically never hold the same value twice) and there are at most 256 of them.
+Per channel, every channel must repeat values or be no larger than the codebook itself.
+When both readings hold, per channel wins only if the per-tensor count is at least twice
+the per-channel one (k values in each of C channels show as up to k*C per tensor).
+"""
 
 from __future__ import annotations
 
@@ -22,20 +29,16 @@ class Structure:
     unique_per_channel_max: int
     size: int
     channel_size: int
+    clustered_per_tensor: bool
+    clustered_per_channel: bool
 
     @property
     def sparse(self) -> bool:
         return self.sparsity >= MIN_SPARSITY
 
     @property
-    def clustered_per_tensor(self) -> bool:
-        return self.unique <= MAX_CLUSTERS and self.unique * 4 <= self.size
-
-    @property
-    def clustered_per_channel(self) -> bool:
-        return (not self.clustered_per_tensor
-                and self.unique_per_channel_max <= MAX_CLUSTERS
-                and self.unique_per_channel_max * 2 <= self.channel_size)
+    def clustered(self) -> bool:
+        return self.clustered_per_tensor or self.clustered_per_channel
 
 
 def unique_per_channel(w2d: np.ndarray) -> np.ndarray:
@@ -44,13 +47,31 @@ def unique_per_channel(w2d: np.ndarray) -> np.ndarray:
     return 1 + np.count_nonzero(np.diff(s, axis=1), axis=1)
 
 
+def _distinct_nonzero(w2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: number of distinct non-zero values, number of non-zero values."""
+    nonzero = np.count_nonzero(w2d, axis=1)
+    has_zero = nonzero < w2d.shape[1]
+    return unique_per_channel(w2d) - has_zero, nonzero
+
+
 def detect(w: np.ndarray, channel_axes: tuple[int, ...]) -> Structure:
-    w2d = channels_first_2d_np(np.asarray(w), channel_axes)
-    per_channel = unique_per_channel(w2d)
+    w = np.asarray(w)
+    w2d = channels_first_2d_np(w, channel_axes)
+    d_c, n_c = _distinct_nonzero(w2d)
+    d_t, n_t = _distinct_nonzero(w.reshape(1, -1))
+    k_channel = int(d_c.max())
+    per_channel = bool(k_channel <= MAX_CLUSTERS and np.any(d_c < n_c)
+                       and np.all((d_c < n_c) | (n_c <= k_channel)))
+    per_tensor = bool(d_t[0] <= MAX_CLUSTERS and d_t[0] < n_t[0])
+    if per_channel and per_tensor:  # k per channel over C channels shows ~k*C per tensor
+        per_channel = 2 * k_channel <= d_t[0]
+        per_tensor = not per_channel
     return Structure(
         sparsity=float(np.mean(w == 0)),
         unique=int(np.unique(w).size),
-        unique_per_channel_max=int(per_channel.max()),
+        unique_per_channel_max=int(unique_per_channel(w2d).max()),
         size=int(w.size),
         channel_size=int(w2d.shape[1]),
+        clustered_per_tensor=per_tensor,
+        clustered_per_channel=per_channel,
     )

@@ -117,7 +117,7 @@ class OptimizedLayer(keras.layers.Layer):
         """The chain's output for weight ``name``; ``upto_export`` stops before kept-at-export
         transforms (used by strip to bake the rest into the weight)."""
         var = self._targets[name][0]
-        w = var.value
+        w = ops.copy(var.value)  # a tensor, not the variable itself
         for t in self.chains[name]:
             if upto_export and t.kept_at_export:
                 break
