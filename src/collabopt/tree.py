@@ -1,0 +1,437 @@
+"""The deployment tree of the reference guide, explored automatically.
+
+Trained nodes (float fine-tunes and QAT) form a small DAG; every leaf is a fully-int8 TFLite
+file. A parent is trained once and shared by its children, and each node's model and each
+leaf's result are checkpointed in ``out_dir`` with atomic writes, so an interrupted run
+continues where it stopped::
+
+    base ── PTQ                      level 1
+     ├── QAT                         level 1
+     ├── prune ── PTQ                level 1
+     │     ├── PQAT                  level 2
+     │     └── cluster (zeros kept) ── PTQ   level 2
+     │             └── PCQAT         level 3
+     └── cluster ── PTQ              level 1
+           └── CQAT                  level 2
+
+With ``per_channel=True`` the clustered branches also run with per-channel codebooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a deployable leaf must meet; None means "no limit"."""
+
+    max_accuracy_drop: float | None = None  # in accuracy points (0.01 = 1 %) below FP32 base
+    max_zip_bytes: int | None = None
+    max_latency_ms: float | None = None
+    max_vela_cycles: int | None = None
+
+    def failures(self, row: dict, base_accuracy: float) -> list[str]:
+        out = []
+        if self.max_accuracy_drop is not None and (
+                base_accuracy - row["int8_accuracy"] > self.max_accuracy_drop + 1e-12):
+            out.append("accuracy")
+        if self.max_zip_bytes is not None and row["zip_bytes"] > self.max_zip_bytes:
+            out.append("size")
+        if self.max_latency_ms is not None and row["latency_ms"] > self.max_latency_ms:
+            out.append("latency")
+        if self.max_vela_cycles is not None and (
+                row.get("vela_cycles") is None or row["vela_cycles"] > self.max_vela_cycles):
+            out.append("vela cycles")
+        return out
+
+
+@dataclass(frozen=True)
+class Node:
+    """A trained model: ``op`` applied to ``parent`` and fine-tuned."""
+
+    name: str
+    parent: str | None
+    op: str  # "base", "prune", "cluster", "cluster_pc", "qat"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    name: str
+    node: str
+    level: int
+    quantization: str  # "ptq" or "qat"
+
+
+def _plan(per_channel: bool) -> tuple[list[Node], list[Leaf]]:
+    nodes = [Node("base", None, "base"), Node("prune", "base", "prune"),
+             Node("cluster", "base", "cluster"), Node("prune_cluster", "prune", "cluster"),
+             Node("qat", "base", "qat"), Node("pqat", "prune", "qat"),
+             Node("cqat", "cluster", "qat"), Node("pcqat", "prune_cluster", "qat")]
+    leaves = [Leaf("PTQ", "base", 1, "ptq"), Leaf("QAT", "qat", 1, "qat"),
+              Leaf("prune → PTQ", "prune", 1, "ptq"), Leaf("cluster → PTQ", "cluster", 1, "ptq"),
+              Leaf("PQAT", "pqat", 2, "qat"),
+              Leaf("prune → cluster → PTQ", "prune_cluster", 2, "ptq"),
+              Leaf("CQAT", "cqat", 2, "qat"), Leaf("PCQAT", "pcqat", 3, "qat")]
+    if per_channel:
+        nodes += [Node("cluster_pc", "base", "cluster_pc"),
+                  Node("prune_cluster_pc", "prune", "cluster_pc"),
+                  Node("cqat_pc", "cluster_pc", "qat"), Node("pcqat_pc", "prune_cluster_pc", "qat")]
+        leaves += [Leaf("cluster(pc) → PTQ", "cluster_pc", 1, "ptq"),
+                   Leaf("CQAT(pc)", "cqat_pc", 2, "qat"),
+                   Leaf("prune → cluster(pc) → PTQ", "prune_cluster_pc", 2, "ptq"),
+                   Leaf("PCQAT(pc)", "pcqat_pc", 3, "qat")]
+    return nodes, leaves
+
+
+def leaf_names(per_channel: bool = True) -> list[str]:
+    return [leaf.name for leaf in _plan(per_channel)[1]]
+
+
+# --- data ---------------------------------------------------------------------------------
+def _as_arrays(data, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) numpy arrays from a tuple, a tf.data.Dataset or a keras PyDataset."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], np.ndarray):
+        x, y = data
+        return (x, y) if limit is None else (x[:limit], y[:limit])
+    xs, ys, n = [], [], 0
+    iterator = data if not hasattr(data, "__getitem__") or hasattr(data, "take") else (
+        data[i] for i in range(len(data)))
+    for batch in iterator:
+        bx, by = batch[0], batch[1]
+        xs.append(np.asarray(bx))
+        ys.append(np.asarray(by))
+        n += len(xs[-1])
+        if limit is not None and n >= limit:
+            break
+    if not xs:
+        raise ValueError("the data set is empty")
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return (x, y) if limit is None else (x[:limit], y[:limit])
+
+
+def _fit_args(data) -> dict:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return {"x": data[0], "y": data[1]}
+    return {"x": data}
+
+
+# --- results ------------------------------------------------------------------------------
+@dataclass
+class ExploreResult:
+    out_dir: Path
+    rows: list[dict]
+    baseline: dict
+    recommended: str | None
+    targets: Targets
+    report_md: Path | None = None
+    report_html: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> list[dict]:
+        """One row per leaf, the columns of the reference guide's table."""
+        return [dict(r) for r in self.rows]
+
+    def __str__(self) -> str:
+        from collabopt.report import format_table
+
+        return format_table(self.rows, self.baseline)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _atomic_save(model, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".partial.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class ConfigMismatch(RuntimeError):
+    pass
+
+
+class DeploymentTree:
+    """Explore the deployment tree for ``model`` on ``train``/``val`` data.
+
+    ``compile`` is a function ``compile(model)`` or the keyword arguments of
+    ``model.compile`` (an optimizer instance is cloned for each node); ``fit`` holds the
+    keyword arguments of the fine-tuning ``model.fit`` (epochs, batch_size, callbacks...).
+    """
+
+    def __init__(self, model, train, val, compile: Callable | dict | None = None,
+                 fit: dict | None = None, sparsity: float = 0.5, clusters: int = 16,
+                 per_channel: bool = False, targets: Targets | None = None,
+                 calibration_samples: int = 300, latency_runs: int = 50,
+                 vela_accelerator: str | None = "ethos-u55-128"):
+        from collabopt.core.rewrite import ensure_built
+
+        ensure_built(model)
+        if not 0 < sparsity < 1:
+            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+        if not isinstance(clusters, int) or clusters < 3:
+            raise ValueError(f"clusters must be an int >= 3, got {clusters!r}")
+        self.model = model
+        self.train, self.val = train, val
+        self.compile = compile or {"optimizer": "adam",
+                                   "loss": "sparse_categorical_crossentropy",
+                                   "metrics": ["accuracy"]}
+        self.fit = dict(fit or {"epochs": 1})
+        self.sparsity, self.clusters, self.per_channel = sparsity, clusters, per_channel
+        self.targets = targets or Targets()
+        self.calibration_samples = calibration_samples
+        self.latency_runs = latency_runs
+        self.vela_accelerator = vela_accelerator
+        self.nodes, self.leaves = _plan(per_channel)
+
+    # -- configuration fingerprint (refuse to mix runs in one out_dir) --
+    def fingerprint(self) -> dict:
+        arch = json.dumps(self.model.get_config(), sort_keys=True, default=str)
+        weights = hashlib.sha1()
+        for w in self.model.get_weights():
+            weights.update(np.ascontiguousarray(w).tobytes())
+        fit = {k: v for k, v in self.fit.items() if k not in ("callbacks", "verbose")}
+        return {"architecture": hashlib.sha1(arch.encode()).hexdigest(),
+                "weights": weights.hexdigest(), "sparsity": self.sparsity,
+                "clusters": self.clusters, "per_channel": self.per_channel,
+                "fit": json.dumps(fit, sort_keys=True, default=str),
+                "compile": json.dumps(self.compile if isinstance(self.compile, dict) else
+                                      getattr(self.compile, "__qualname__", "callable"),
+                                      sort_keys=True, default=str)}
+
+    def _compile(self, model):
+        import keras
+
+        if callable(self.compile):
+            self.compile(model)
+            return model
+        kwargs = dict(self.compile)
+        opt = kwargs.get("optimizer", "adam")
+        if isinstance(opt, keras.optimizers.Optimizer):
+            kwargs["optimizer"] = opt.__class__.from_config(opt.get_config())
+        model.compile(**kwargs)
+        return model
+
+    def _train(self, node: Node, parent_model, log):
+        import collabopt as co
+
+        if node.op == "prune":
+            model = co.prune(parent_model, self.sparsity, verbose=False)
+        elif node.op in ("cluster", "cluster_pc"):
+            model = co.cluster(parent_model, self.clusters, per_channel=node.op == "cluster_pc",
+                               verbose=False)
+        elif node.op == "qat":
+            model = co.quantize(parent_model, verbose=False)
+        else:
+            raise AssertionError(node.op)
+        self._compile(model)
+        model.fit(**_fit_args(self.train), **self.fit)
+        return model
+
+    # -- exploring --
+    def explore(self, out_dir: str | os.PathLike, paths: str | Sequence[str] = "all",
+                stop_when_met: bool = False, force: bool = False,
+                log: Callable[[str], None] = print) -> ExploreResult:
+        import keras
+
+        import collabopt as co
+        from collabopt.inspection import evaluate_tflite, inspect, latency_ms, verify
+        from collabopt.quantization import fold_batchnorm
+
+        out = Path(out_dir)
+        wanted = self._select(paths)
+        fingerprint = self.fingerprint()
+        config_file = out / "config.json"
+        if config_file.exists():
+            previous = json.loads(config_file.read_text())
+            if previous != fingerprint:
+                if not force:
+                    diff = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+                    raise ConfigMismatch(
+                        f"{out} holds a run with a different configuration ({', '.join(diff)} "
+                        "differ). Use another out_dir, or force=True (--force) to start over.")
+                shutil.rmtree(out)
+        (out / "nodes").mkdir(parents=True, exist_ok=True)
+        (out / "leaves").mkdir(parents=True, exist_ok=True)
+        _atomic_json(config_file, fingerprint)
+
+        x_val, y_val = _as_arrays(self.val)
+        x_cal, _ = _as_arrays(self.train, limit=self.calibration_samples)
+        trained: dict[str, object] = {}
+        from collabopt import vela
+
+        use_vela = self.vela_accelerator is not None and vela.available()
+
+        def node_model(name: str):
+            if name in trained:
+                return trained[name]
+            node = next(n for n in self.nodes if n.name == name)
+            file = out / "nodes" / f"{name}.keras"
+            if node.op == "base":
+                model = fold_batchnorm(self.model)
+            elif file.exists():
+                model = keras.models.load_model(file, safe_mode=True)
+                log(f"[tree] {name}: loaded from {file}")
+            else:
+                parent = node_model(node.parent)
+                start = time.perf_counter()
+                log(f"[tree] {name}: {node.op} of {node.parent}, fine-tuning ...")
+                model = self._train(node, parent, log)
+                stored = model if node.op == "qat" else co.strip(model)
+                _atomic_save(stored, file)
+                model = stored
+                log(f"[tree] {name}: trained in {time.perf_counter() - start:.1f}s")
+            trained[name] = model
+            return model
+
+        def float_accuracy(name: str) -> float:
+            file = out / "nodes" / f"{name}.accuracy.json"
+            if file.exists():
+                return json.loads(file.read_text())["accuracy"]
+            acc = _keras_accuracy(node_model(name), x_val, y_val)
+            _atomic_json(file, {"accuracy": acc})
+            return acc
+
+        # the FP32 reference row
+        base_file = out / "leaves" / "fp32.tflite"
+        baseline_json = out / "leaves" / "fp32.json"
+        if baseline_json.exists():
+            baseline = json.loads(baseline_json.read_text())
+        else:
+            co.export_tflite(node_model("base"), base_file, quantization="float")
+            rep = inspect(base_file)
+            baseline = {"path": "FP32 baseline", "fp32_accuracy": float_accuracy("base"),
+                        "int8_accuracy": None, "size_bytes": rep.size_bytes,
+                        "zip_bytes": rep.zip_bytes,
+                        "latency_ms": latency_ms(base_file, runs=self.latency_runs)}
+            _atomic_json(baseline_json, baseline)
+        log(f"[tree] FP32 baseline: accuracy {baseline['fp32_accuracy']:.4f}, "
+            f"{baseline['zip_bytes']:,} bytes zipped")
+
+        rows: list[dict] = []
+        for level in (1, 2, 3):
+            level_rows = []
+            for leaf in (lf for lf in self.leaves if lf.level == level and lf.name in wanted):
+                slug = _slug(leaf.name)
+                result_file = out / "leaves" / f"{slug}.json"
+                if result_file.exists():
+                    row = json.loads(result_file.read_text())
+                    log(f"[tree] level {level} · {leaf.name}: done earlier "
+                        f"(int8 accuracy {row['int8_accuracy']:.4f})")
+                else:
+                    start = time.perf_counter()
+                    model = node_model(leaf.node)
+                    path = out / "leaves" / f"{slug}.tflite"
+                    per_tensor = leaf.quantization == "ptq" and "pc" not in leaf.node and \
+                        "cluster" in leaf.node
+                    co.export_tflite(model, path, representative_data=x_cal,
+                                     per_channel_weights=not per_tensor)
+                    rep = inspect(path)
+                    try:
+                        verify(path, model)
+                        verified = "yes"
+                    except co.VerificationError as err:
+                        verified = "no: " + str(err).splitlines()[1].strip()
+                    row = {
+                        "path": leaf.name, "level": level, "node": leaf.node,
+                        "fp32_accuracy": float_accuracy(leaf.node if leaf.quantization == "ptq"
+                                                        else _float_parent(self.nodes,
+                                                                           leaf.node)),
+                        "int8_accuracy": evaluate_tflite(path, x_val, y_val, verbose=False),
+                        "size_bytes": rep.size_bytes, "zip_bytes": rep.zip_bytes,
+                        "zip_reduction": 1 - rep.zip_bytes / baseline["zip_bytes"],
+                        "sparsity": rep.sparsity,
+                        "unique_max": max((t.unique for t in rep.tensors), default=0),
+                        "unique_per_channel_max": max(
+                            (t.unique_per_channel_max for t in rep.tensors), default=0),
+                        "entropy_bound_bytes": rep.entropy_bound_bytes,
+                        "latency_ms": latency_ms(path, runs=self.latency_runs),
+                        "latency_threads": 1,
+                        "vela_encoded_bytes": None, "vela_cycles": None,
+                        "verified": verified, "file": str(path),
+                    }
+                    if use_vela:
+                        try:
+                            v = co.vela_report(path, self.vela_accelerator)
+                            row["vela_encoded_bytes"] = v.encoded_weight_bytes
+                            row["vela_cycles"] = v.cycles
+                        except RuntimeError as err:
+                            row["vela_error"] = str(err)
+                    _atomic_json(result_file, row)
+                    log(f"[tree] level {level} · {leaf.name}: int8 accuracy "
+                        f"{row['int8_accuracy']:.4f}, {row['zip_bytes']:,} bytes zipped, "
+                        f"{row['latency_ms']:.3f} ms, verified {verified} "
+                        f"({time.perf_counter() - start:.1f}s)")
+                row["meets_targets"] = not self.targets.failures(row, baseline["fp32_accuracy"])
+                level_rows.append(row)
+            rows.extend(level_rows)
+            if stop_when_met and any(r["meets_targets"] for r in level_rows):
+                log(f"[tree] level {level} meets the targets: stopping here, as the guide "
+                    "recommends")
+                break
+        recommended = _recommend(rows)
+        result = ExploreResult(out, rows, baseline, recommended, self.targets)
+        from collabopt.report import write_report
+
+        write_report(result, density_sources=self._density_sources(trained, out))
+        return result
+
+    def _select(self, paths) -> set[str]:
+        names = [leaf.name for leaf in self.leaves]
+        if paths == "all":
+            return set(names)
+        if isinstance(paths, str):
+            paths = [paths]
+        unknown = [p for p in paths if p not in names]
+        if unknown:
+            raise ValueError(f"unknown tree path(s) {unknown}; choose from {names}")
+        return set(paths)
+
+    def _density_sources(self, trained, out: Path) -> dict:
+        """Stages for the density plot of one representative kernel."""
+        stages = {}
+        for label, node in (("baseline", "base"), ("pruned", "prune"),
+                            ("pruned + clustered", "prune_cluster")):
+            if node in trained:
+                stages[label] = trained[node]
+        pcqat = out / "leaves" / f"{_slug('PCQAT')}.tflite"
+        if pcqat.exists():
+            stages["PCQAT int8 (file)"] = str(pcqat)
+        return stages
+
+
+def _float_parent(nodes: list[Node], name: str) -> str:
+    node = next(n for n in nodes if n.name == name)
+    return node.parent if node.op == "qat" else name
+
+
+def _keras_accuracy(model, x, y) -> float:
+    pred = model.predict(x, verbose=0, batch_size=256)
+    return float(np.mean(np.argmax(pred.reshape(len(x), -1), axis=1) == np.asarray(y).ravel()))
+
+
+def _slug(name: str) -> str:
+    return (name.replace(" → ", "-").replace("(pc)", "_pc").replace(" ", "_").lower())
+
+
+def _recommend(rows: list[dict]) -> str | None:
+    meeting = [r for r in rows if r["meets_targets"]]
+    if not meeting:
+        return None
+    best = min(meeting, key=lambda r: (r["zip_bytes"], -r["int8_accuracy"]))
+    return best["path"]
+
+
+__all__ = ["DeploymentTree", "Targets", "ExploreResult", "leaf_names"]
