@@ -103,7 +103,8 @@ def resnet8(input_shape=(32, 32, 3), classes: int = 10, bn_momentum: float = 0.9
 def mnist_cnn(input_shape=(28, 28, 1), classes: int = 10, bn_momentum: float = 0.9
               ) -> keras.Model:
     """A small CNN for MNIST (and, with ``input_shape=(8, 8, 1)``, the 8x8 digits): two
-    conv + batch norm + ReLU stages, max pooling, a dense classifier (20.6 K parameters at 28x28)."""
+    conv + batch norm + ReLU stages, max pooling, a dense classifier (20.6 K parameters at
+    28x28)."""
     inp = keras.Input(input_shape, name="image")
     x = layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(inp)
     x = _bn("conv1_bn", bn_momentum)(x)

@@ -87,16 +87,16 @@ def write_report(result, density_sources: dict | None = None) -> None:
     else:
         rec = "No leaf meets every target; relax a target or explore with other settings."
     threads = "latency: median of batch-1 runs, LiteRT interpreter, 1 thread, this CPU"
-    md = [f"# collabopt deployment tree report\n", f"Targets: {_targets_text(result.targets)}.",
+    md = ["# collabopt deployment tree report\n", f"Targets: {_targets_text(result.targets)}.",
           "", rec, "", markdown_table(result.rows, result.baseline), "", f"({threads}; "
           "zipped = deflate, as the reference reports; Vela: ethos-u55-128)", ""]
     for title, path in images.items():
         md += [f"## {title}", "", f"![{title}]({path.name})", ""]
     md += [f"- {n}" for n in result.notes]
     result.report_md = _write(out / "report.md", "\n".join(md))
-    body = [f"<h1>collabopt deployment tree report</h1>",
+    body = ["<h1>collabopt deployment tree report</h1>",
             f"<p>Targets: {html.escape(_targets_text(result.targets))}.</p>",
-            f"<p>{html.escape(rec).replace('**', '')}</p>", _html_table(result), 
+            f"<p>{html.escape(rec).replace('**', '')}</p>", _html_table(result),
             f"<p><small>{html.escape(threads)}</small></p>"]
     for title, path in images.items():
         data = base64.b64encode(path.read_bytes()).decode()

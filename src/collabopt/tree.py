@@ -385,6 +385,9 @@ class DeploymentTree:
         result = ExploreResult(out, rows, baseline, recommended, self.targets)
         from collabopt.report import write_report
 
+        for name in ("base", "prune", "prune_cluster"):  # stages of the density plot
+            if name == "base" or (out / "nodes" / f"{name}.keras").exists():
+                node_model(name)
         write_report(result, density_sources=self._density_sources(trained, out))
         return result
 

@@ -281,14 +281,14 @@ def input_shape(layer: keras.layers.Layer):
     raise ValueError(f"cannot tell the input shape of layer {layer.name!r}: build it first")
 
 
-def current_weight(layer: keras.layers.Layer, name: str) -> "np.ndarray":  # noqa: F821
+def current_weight(layer: keras.layers.Layer, name: str) -> np.ndarray:  # noqa: F821
     """The value a weight currently has in the forward pass (its chain output if wrapped)."""
     if isinstance(layer, OptimizedLayer):
         return keras.ops.convert_to_numpy(layer.transformed_weight(name))
     return registry.find_variable(layer, name).numpy()
 
 
-def numpy_chain_output(layer: OptimizedLayer, name: str, stop_before) -> "np.ndarray":  # noqa: F821
+def numpy_chain_output(layer: OptimizedLayer, name: str, stop_before) -> np.ndarray:  # noqa: F821
     w = layer._targets[name][0].value
     for t in layer.chains[name]:
         if t is stop_before:

@@ -4,8 +4,8 @@
 A weight counts as clustered when its non-zero values repeat (float weights that were never
 clustered practically never hold the same value twice) and there are at most 256 of them.
 Per channel, every channel must repeat values or be no larger than the codebook itself.
-When both readings hold, per channel wins only if the per-tensor count is at least twice
-the per-channel one (k values in each of C channels show as up to k*C per tensor).
+When both readings hold, values shared *between* channels mean a per-tensor codebook;
+per-channel codebooks (trained float centroids) never share a value across channels.
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ def detect(w: np.ndarray, channel_axes: tuple[int, ...]) -> Structure:
     per_channel = bool(k_channel <= MAX_CLUSTERS and np.any(d_c < n_c)
                        and np.all((d_c < n_c) | (n_c <= k_channel)))
     per_tensor = bool(d_t[0] <= MAX_CLUSTERS and d_t[0] < n_t[0])
-    if per_channel and per_tensor:  # k per channel over C channels shows ~k*C per tensor
-        per_channel = 2 * k_channel <= d_t[0]
-        per_tensor = not per_channel
+    if per_channel and per_tensor:
+        # Per-channel centroids are distinct floats, so no value is shared between channels;
+        # a per-tensor codebook shares its values across channels.
+        per_tensor = bool(d_t[0] < d_c.sum())
+        per_channel = not per_tensor
     return Structure(
         sparsity=float(np.mean(w == 0)),
         unique=int(np.unique(w).size),

@@ -8,8 +8,8 @@ trained, saved and restored by Keras itself, with no side files. It is never cal
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 
 
 class Transform(keras.layers.Layer):
@@ -44,5 +44,6 @@ class Transform(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(channel_axes=list(self.channel_axes), reduction_axes=list(self.reduction_axes))
+        config.update(channel_axes=list(self.channel_axes),
+                      reduction_axes=list(self.reduction_axes))
         return config

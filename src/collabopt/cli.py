@@ -1,0 +1,259 @@
+"""The ``collabopt`` command: ``demo``, ``run CONFIG.toml``, ``inspect FILE.tflite``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class ConfigError(ValueError):
+    """A config file problem; the message names the offending key."""
+
+
+# --- demo ---------------------------------------------------------------------------------
+def demo(out: Path, quick: bool, force: bool) -> int:
+    import keras
+
+    import collabopt as co
+    from collabopt import datasets, models
+
+    try:
+        (x, y), (xt, yt) = datasets.mnist()
+        name, shape = "MNIST", (28, 28, 1)
+    except datasets.DataError as err:
+        print(f"[demo] {err}\n[demo] falling back to scikit-learn's 8x8 digits")
+        (x, y), (xt, yt) = datasets.digits()
+        name, shape = "8x8 digits", (8, 8, 1)
+    if quick:
+        x, y, xt, yt = x[:6000], y[:6000], xt[:1000], yt[:1000]
+    epochs, finetune = (2, 1) if quick else (4, 2)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def compile_fn(model, lr=1e-3):
+        model.compile(keras.optimizers.Adam(lr),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+
+    base_file = out / f"base_{'quick' if quick else 'full'}.keras"
+    if base_file.exists() and not force:
+        base = keras.models.load_model(base_file)
+        print(f"[demo] using the trained {name} CNN cached in {base_file}")
+    else:
+        print(f"[demo] training the {name} CNN ({len(x):,} images, {epochs} epochs)")
+        keras.utils.set_random_seed(0)
+        base = models.mnist_cnn(shape)
+        compile_fn(base)
+        base.fit(x, y, epochs=epochs, batch_size=64, validation_split=0.1, verbose=2)
+        tmp = base_file.with_name(base_file.stem + ".partial.keras")
+        base.save(tmp)
+        os.replace(tmp, base_file)
+    tree = co.DeploymentTree(
+        base, (x, y), (xt, yt), compile=lambda m: compile_fn(m, 3e-4),
+        fit={"epochs": finetune, "batch_size": 64, "verbose": 2}, sparsity=0.5, clusters=16,
+        per_channel=True, targets=co.Targets(max_accuracy_drop=0.01))
+    start = time.perf_counter()
+    result = tree.explore(out / ("tree_quick" if quick else "tree"), force=force)
+    print()
+    print(result)
+    print(f"\n[demo] recommended leaf: {result.recommended or 'none meets the targets'}")
+    print(f"[demo] report: {result.report_md}  and  {result.report_html}")
+    elapsed = time.perf_counter() - start
+    print(f"[demo] .tflite files: {result.out_dir / 'leaves'}  ({elapsed:.0f}s)")
+    return 0
+
+
+# --- run CONFIG ---------------------------------------------------------------------------
+_KEYS = {
+    "model": {"path"},
+    "data": {"npz", "loader"},
+    "train": {"optimizer", "learning_rate", "loss", "from_logits", "epochs", "batch_size"},
+    "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met"},
+    "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
+}
+
+
+def load_config(path: Path) -> dict:
+    """Read and validate a run config; every error names the file and the key."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        config = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from err
+    for section, value in config.items():
+        if section not in _KEYS:
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {sorted(_KEYS)})")
+        for key in value:
+            if key not in _KEYS[section]:
+                raise ConfigError(f"{path}: [{section}].{key} is not a known key (known: "
+                                  f"{sorted(_KEYS[section])})")
+    for section in ("model", "data"):
+        if section not in config:
+            raise ConfigError(f"{path}: missing section [{section}]")
+    model_path = config["model"].get("path")
+    if not model_path:
+        raise ConfigError(f"{path}: [model].path is required (a .keras file)")
+    model_path = (path.parent / model_path).resolve()
+    if not model_path.is_file():
+        raise ConfigError(f"{path}: [model].path: {model_path} does not exist")
+    if model_path.suffix != ".keras":
+        raise ConfigError(f"{path}: [model].path: {model_path.name} is not a .keras file")
+    config["model"]["path"] = model_path
+    data = config["data"]
+    if ("npz" in data) == ("loader" in data):
+        raise ConfigError(f"{path}: [data] needs exactly one of npz = 'file.npz' or "
+                          "loader = 'package.module:function'")
+    from collabopt.tree import leaf_names
+
+    tree = config.setdefault("tree", {})
+    paths = tree.get("paths", "all")
+    names = leaf_names(per_channel=True)
+    if paths != "all":
+        if not isinstance(paths, list) or any(p not in names for p in paths):
+            raise ConfigError(f"{path}: [tree].paths: {paths!r} is not 'all' or a list of "
+                              f"{names}")
+        if not tree.get("per_channel") and any("(pc)" in p for p in paths):
+            raise ConfigError(f"{path}: [tree].paths names per-channel leaves but "
+                              "[tree].per_channel is not true")
+    for key, kind in (("sparsity", float), ("clusters", int)):
+        if key in tree and not isinstance(tree[key], (int, float) if kind is float else int):
+            raise ConfigError(f"{path}: [tree].{key} must be a number, got {tree[key]!r}")
+    tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
+    return config
+
+
+def _load_data(config: dict, path: Path):
+    import numpy as np
+
+    data = config["data"]
+    if "npz" in data:
+        file = (path.parent / data["npz"]).resolve()
+        if not file.is_file():
+            raise ConfigError(f"{path}: [data].npz: {file} does not exist")
+        with np.load(file) as z:
+            missing = [k for k in ("x_train", "y_train", "x_val", "y_val") if k not in z.files]
+            if missing:
+                raise ConfigError(f"{path}: [data].npz: {file.name} lacks key(s) {missing} "
+                                  "(needs x_train, y_train, x_val, y_val)")
+            return (z["x_train"], z["y_train"]), (z["x_val"], z["y_val"])
+    spec = data["loader"]
+    module, _, func = spec.partition(":")
+    if not func:
+        raise ConfigError(f"{path}: [data].loader must be 'package.module:function', "
+                          f"got {spec!r}")
+    try:
+        loaded = getattr(importlib.import_module(module), func)()
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{path}: [data].loader {spec!r} cannot be imported ({err})") from err
+    if isinstance(loaded, dict):
+        return (loaded["x_train"], loaded["y_train"]), (loaded["x_val"], loaded["y_val"])
+    return loaded
+
+
+def run(config_path: Path, force: bool) -> int:
+    import keras
+
+    import collabopt as co
+
+    config = load_config(config_path)
+    train, val = _load_data(config, config_path)
+    try:
+        model = keras.models.load_model(config["model"]["path"])
+    except Exception as err:  # noqa: BLE001 - any load failure: say which file
+        raise ConfigError(f"{config_path}: [model].path: {config['model']['path']} is not a "
+                          f"loadable Keras model ({err})") from err
+    t = config.get("train", {})
+    optimizer = keras.optimizers.get(t.get("optimizer", "adam"))
+    optimizer.learning_rate = t.get("learning_rate", 1e-4)
+    loss = t.get("loss", "sparse_categorical_crossentropy")
+    if loss == "sparse_categorical_crossentropy":
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=t.get("from_logits",
+                                                                           False))
+    tree_cfg = config["tree"]
+    tree = co.DeploymentTree(
+        model, train, val, compile={"optimizer": optimizer, "loss": loss,
+                                    "metrics": ["accuracy"]},
+        fit={"epochs": t.get("epochs", 1), "batch_size": t.get("batch_size", 32), "verbose": 2},
+        sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
+        per_channel=tree_cfg.get("per_channel", False),
+        targets=co.Targets(**config.get("targets", {})))
+    result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
+                          stop_when_met=tree_cfg.get("stop_when_met", False), force=force)
+    print()
+    print(result)
+    print(f"\nrecommended leaf: {result.recommended or 'none meets the targets'}")
+    print(f"report: {result.report_md}  and  {result.report_html}")
+    return 0
+
+
+# --- inspect ------------------------------------------------------------------------------
+def inspect_command(path: Path, vela: bool, as_json: bool, accelerator: str) -> int:
+    import collabopt as co
+
+    report = co.inspect(path)
+    vela_report = co.vela_report(path, accelerator) if vela else None
+    if as_json:
+        out = report.to_dict()
+        if vela_report:
+            out["vela"] = vela_report.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.table())
+        if vela_report:
+            v = vela_report
+            print(f"Vela ({v.accelerator}): weights {v.original_weight_bytes:,} -> "
+                  f"{v.encoded_weight_bytes:,} bytes encoded, SRAM {v.sram_bytes:,} B, "
+                  f"flash {v.flash_bytes:,} B, {v.cycles:,} cycles = {v.inference_ms:.3f} ms "
+                  f"at {v.clock_mhz:g} MHz, {v.npu_ops} NPU / {v.cpu_ops} CPU ops")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="collabopt", description=(
+        "Collaborative optimization (prune -> cluster -> int8 QAT) for Keras 3, verified "
+        "inside the exported TFLite file."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="explore the whole deployment tree on an MNIST CNN")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--quick", action="store_true", help="small subset, few epochs (minutes)")
+    p.add_argument("--force", action="store_true", help="start over in --out")
+    p = sub.add_parser("run", help="explore the tree for your model, as a TOML config says")
+    p.add_argument("config", type=Path)
+    p.add_argument("--force", action="store_true", help="start over in the config's out_dir")
+    p = sub.add_parser("inspect", help="what survived in a .tflite file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--vela", action="store_true", help="add Arm Vela figures (ethos-u-vela)")
+    p.add_argument("--accelerator", default="ethos-u55-128")
+    p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    from collabopt.datasets import DataError
+    from collabopt.inspection import InvalidModelError
+    from collabopt.tree import ConfigMismatch
+    from collabopt.vela import VelaNotInstalled
+
+    try:
+        if args.command == "demo":
+            return demo(args.out, args.quick, args.force)
+        if args.command == "run":
+            return run(args.config, args.force)
+        return inspect_command(args.file, args.vela, args.json, args.accelerator)
+    except (ConfigError, ConfigMismatch, InvalidModelError, FileNotFoundError, DataError,
+            VelaNotInstalled) as err:
+        print(f"collabopt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ncollabopt {args.command}: interrupted; finished nodes are saved, run the same "
+              "command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

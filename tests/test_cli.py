@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+
+import collabopt as co
+from collabopt.cli import ConfigError, load_config, main
+
+
+@pytest.fixture()
+def project(tmp_path, trained, digits):
+    (x, y), (xt, yt) = digits
+    trained.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", x_train=x[:300], y_train=y[:300], x_val=xt, y_val=yt)
+    return tmp_path
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_run_config(project, capsys):
+    cfg = _write(project / "c.toml", """
+[model]
+path = "model.keras"
+[data]
+npz = "data.npz"
+[train]
+learning_rate = 0.0003
+from_logits = true
+epochs = 1
+[tree]
+out_dir = "out"
+paths = ["PTQ", "prune → PTQ"]
+clusters = 8
+[targets]
+max_accuracy_drop = 0.1
+""")
+    assert main(["run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "prune → PTQ" in out and "recommended leaf" in out
+    assert (project / "out" / "report.html").exists()
+
+
+@pytest.mark.parametrize("body,message", [
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\npaths = ["XQAT"]\n',
+     r"\[tree\].paths"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nlevels = 2\n',
+     r"\[tree\].levels is not a known key"),
+    ('[model]\npath = "model.keras"\n', r"missing section \[data\]"),
+    ('[model]\npath = "data.npz"\n[data]\nnpz = "data.npz"\n', r"\[model\].path.*not a .keras"),
+    ('[model]\npath = "nope.keras"\n[data]\nnpz = "data.npz"\n', r"\[model\].path.*not exist"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "a.npz"\nloader = "m:f"\n', "exactly one"),
+    ("this is = = not toml", "not valid TOML"),
+])
+def test_bad_configs(project, body, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(project / "bad.toml", body))
+
+
+def test_missing_data_key_and_bad_model(project, capsys):
+    (project / "model.txt.keras").write_text("not a model")
+    np.savez(project / "partial.npz", x_train=np.zeros((2, 8, 8, 1)))
+    cfg = _write(project / "c.toml", '[model]\npath = "model.keras"\n[data]\nnpz = "partial.npz"\n')
+    assert main(["run", str(cfg)]) == 2
+    assert "lacks key(s) ['y_train', 'x_val', 'y_val']" in capsys.readouterr().err
+    cfg = _write(project / "d.toml",
+                 '[model]\npath = "model.txt.keras"\n[data]\nnpz = "data.npz"\n')
+    assert main(["run", str(cfg)]) == 2
+    assert "not a loadable Keras model" in capsys.readouterr().err
+
+
+def test_inspect_command(tmp_path, trained, digits, capsys):
+    (x, _), _ = digits
+    path = co.export_tflite(trained, tmp_path / "m.tflite", representative_data=x[:50])
+    assert main(["inspect", str(path)]) == 0
+    assert "conv2" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fully_integer"] is True
+    from collabopt import vela
+
+    if vela.available():
+        assert main(["inspect", str(path), "--vela"]) == 0
+        assert "cycles" in capsys.readouterr().out
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"garbage!")
+    assert main(["inspect", str(bad)]) == 2
+    assert "not a TFLite model" in capsys.readouterr().err

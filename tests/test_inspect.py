@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+
+import collabopt as co
+from collabopt.inspection import InvalidModelError
+
+from .conftest import compile_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, trained, digits):
+    (x, y), _ = digits
+    out = tmp_path_factory.mktemp("inspect")
+    clustered = compile_model(co.cluster(co.fold_batchnorm(trained), 8, verbose=False))
+    clustered.fit(x[:256], y[:256], epochs=1, verbose=0)
+    files = {
+        "dense": co.export_tflite(trained, out / "dense.tflite", representative_data=x[:100]),
+        "float": co.export_tflite(trained, out / "float.tflite", quantization="float"),
+        "clustered": co.export_tflite(clustered, out / "clustered.tflite",
+                                      representative_data=x[:100], per_channel_weights=False),
+    }
+    return files, clustered
+
+
+def test_report_fields(exported):
+    files, _ = exported
+    report = co.inspect(files["dense"])
+    assert report.size_bytes == files["dense"].stat().st_size
+    assert 0 < report.zip_bytes < report.size_bytes
+    assert report.fully_integer and report.non_integer_ops == []
+    assert {t.layer for t in report.tensors} == {"conv1", "conv2", "logits"}
+    conv2 = next(t for t in report.tensors if t.layer == "conv2")
+    assert conv2.shape == (32, 3, 3, 16) and conv2.dtype == "int8"
+    assert conv2.quantization == "per-channel" and conv2.n_scales == 32
+    assert 0 < conv2.entropy_bits <= 8
+    d = json.loads(report.to_json())
+    assert d["tensors"][0]["name"] and "unique_per_channel_max" in d["tensors"][0]
+    assert "conv2" in report.table()
+
+
+def test_float_model_flagged(exported):
+    files, _ = exported
+    report = co.inspect(files["float"])
+    assert not report.fully_integer
+    assert any("(float)" in op for op in report.non_integer_ops)
+
+
+def test_verify_catches_destroyed_codebook(tmp_path, exported, digits):
+    (x, _), _ = digits
+    files, clustered = exported
+    co.verify(files["clustered"], clustered)
+    broken = co.export_tflite(clustered, tmp_path / "broken.tflite",
+                              representative_data=x[:100])  # per-channel scales
+    with pytest.raises(co.VerificationError, match="unique per tensor grew") as err:
+        co.verify(broken, clustered)
+    assert "conv2.kernel" in str(err.value)
+
+
+def test_verify_catches_lost_zeros(tmp_path, trained, digits):
+    """A file exported from the unpruned model does not hold the pruned model's zeros."""
+    (x, _), _ = digits
+    pruned = co.strip(co.prune(trained, 0.5, verbose=False))
+    path = co.export_tflite(trained, tmp_path / "dense.tflite", representative_data=x[:50])
+    with pytest.raises(co.VerificationError, match="zero"):
+        co.verify(path, pruned)
+
+
+def test_evaluate_tflite(exported, trained, digits):
+    files, _ = exported
+    _, (xt, yt) = digits
+    acc = co.evaluate_tflite(files["dense"], xt, yt, batch_size=32)
+    keras_acc = float(np.mean(np.argmax(trained.predict(xt, verbose=0), 1) == yt))
+    assert abs(acc - keras_acc) < 0.02
+    with pytest.raises(ValueError, match="samples"):
+        co.evaluate_tflite(files["dense"], xt, yt[:-1])
+    with pytest.raises(ValueError, match="shape"):
+        co.evaluate_tflite(files["dense"], xt[:, :4], yt)
+
+
+def test_malformed_files(tmp_path, exported):
+    files, _ = exported
+    data = files["dense"].read_bytes()
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(data[: len(data) // 3])
+    with pytest.raises(InvalidModelError, match="damaged or truncated"):
+        co.inspect(truncated)
+    text = tmp_path / "notes.tflite"
+    text.write_text("hello, not a model")
+    with pytest.raises(InvalidModelError, match="not a TFLite model"):
+        co.inspect(text)
+    with pytest.raises(FileNotFoundError):
+        co.inspect(tmp_path / "missing.tflite")
+    with pytest.raises(InvalidModelError):
+        co.evaluate_tflite(text, np.zeros((1, 8, 8, 1)), np.zeros(1))
+
+
+def test_vela_report(exported):
+    from collabopt import vela
+
+    if not vela.available():
+        pytest.skip("ethos-u-vela not installed")
+    files, _ = exported
+    dense = co.vela_report(files["dense"])
+    clustered = co.vela_report(files["clustered"])
+    assert dense.cycles > 0 and dense.encoded_weight_bytes > 0 and dense.npu_ops >= 3
+    assert clustered.encoded_weight_bytes < dense.encoded_weight_bytes  # codebook compresses
+
+
+def test_plots(tmp_path, exported, trained):
+    files, clustered = exported
+    png = co.plot_weight_density({"baseline": trained, "clustered": clustered,
+                                  "file": str(files["clustered"])}, "conv2",
+                                 tmp_path / "d.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    rows = [{"path": "a", "zip_bytes": 10, "int8_accuracy": 0.9},
+            {"path": "b", "zip_bytes": 5, "int8_accuracy": 0.95},
+            {"path": "c", "zip_bytes": 20, "int8_accuracy": 0.8}]
+    from collabopt.plots import pareto_front
+
+    assert pareto_front([(r["zip_bytes"], r["int8_accuracy"]) for r in rows]) == [1]
+    assert co.plot_tradeoff(rows, tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(KeyError, match="no_layer"):
+        co.plot_weight_density([trained], "no_layer", tmp_path / "x.png")

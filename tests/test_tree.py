@@ -1,0 +1,104 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import collabopt as co
+from collabopt.tree import ConfigMismatch, leaf_names
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _tree(trained, digits, **kw):
+    (x, y), (xt, yt) = digits
+    options = dict(compile={"optimizer": keras.optimizers.Adam(3e-4), "loss": _loss()},
+                   fit={"epochs": 1, "batch_size": 64, "verbose": 0}, clusters=8,
+                   targets=co.Targets(max_accuracy_drop=0.05), latency_runs=5)
+    options.update(kw)
+    return co.DeploymentTree(trained, (x[:600], y[:600]), (xt, yt), **options)
+
+
+@pytest.mark.slow
+def test_explore_all_leaves(tmp_path, trained, digits):
+    result = _tree(trained, digits, per_channel=True).explore(tmp_path / "run", log=print)
+    rows = result.table()
+    assert sorted(r["path"] for r in rows) == sorted(leaf_names(per_channel=True))
+    levels = [r["level"] for r in rows]
+    assert levels == sorted(levels) and len(rows) == 12
+    for r in rows:
+        assert r["verified"] == "yes", r
+        assert r["int8_accuracy"] > 0.8 and r["zip_bytes"] < result.baseline["zip_bytes"]
+        assert co.inspect(r["file"]).fully_integer
+    by = {r["path"]: r for r in rows}
+    assert by["PCQAT"]["sparsity"] >= 0.45 and by["PCQAT"]["unique_max"] <= 8
+    assert by["CQAT(pc)"]["unique_per_channel_max"] <= 8
+    assert by["prune → PTQ"]["sparsity"] >= 0.45
+    assert result.recommended in by
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| PCQAT |" in md and "pareto.png" in md and "density.png" in md
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    assert not list((tmp_path / "run").rglob("*.partial*"))
+
+
+def test_resume_after_interrupt(tmp_path, trained, digits):
+    tree = _tree(trained, digits)
+    messages = []
+
+    def crash_after_two_leaves(msg):
+        messages.append(msg)
+        if sum("level" in m and "int8 accuracy" in m for m in messages) == 2:
+            raise KeyboardInterrupt
+
+    paths = ["PTQ", "prune → PTQ", "PQAT"]
+    with pytest.raises(KeyboardInterrupt):
+        tree.explore(tmp_path / "run", paths=paths, log=crash_after_two_leaves)
+    assert (tmp_path / "run" / "nodes" / "prune.keras").exists()
+    second = []
+    result = tree.explore(tmp_path / "run", paths=paths, log=second.append)
+    assert [r["path"] for r in result.rows] == paths
+    assert any("PTQ: done earlier" in m for m in second)
+    assert not any("prune: prune of base" in m for m in second)  # parent not retrained
+    assert any("prune: loaded" in m for m in second)
+    assert not list((tmp_path / "run").rglob("*.partial*"))
+
+
+def test_config_mismatch_and_force(tmp_path, trained, digits):
+    _tree(trained, digits).explore(tmp_path / "run", paths=["PTQ"], log=lambda m: None)
+    other = _tree(trained, digits, sparsity=0.7)
+    with pytest.raises(ConfigMismatch, match="sparsity"):
+        other.explore(tmp_path / "run", paths=["PTQ"], log=lambda m: None)
+    result = other.explore(tmp_path / "run", paths=["PTQ"], force=True, log=lambda m: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sparsity"] == 0.7
+    assert len(result.rows) == 1
+
+
+def test_stop_when_met(tmp_path, trained, digits):
+    tree = _tree(trained, digits, targets=co.Targets(max_accuracy_drop=0.5))
+    result = tree.explore(tmp_path / "run", paths=["PTQ", "PQAT"], stop_when_met=True,
+                          log=lambda m: None)
+    assert [r["path"] for r in result.rows] == ["PTQ"]
+    assert result.recommended == "PTQ"
+
+
+def test_dataset_inputs_and_bad_arguments(tmp_path, trained, digits):
+    import tensorflow as tf
+
+    (x, y), (xt, yt) = digits
+    train = tf.data.Dataset.from_tensor_slices((x[:256], y[:256])).batch(32)
+    val = tf.data.Dataset.from_tensor_slices((xt, yt)).batch(64)
+    tree = co.DeploymentTree(trained, train, val, compile={"optimizer": "adam",
+                                                           "loss": _loss()},
+                             fit={"epochs": 1, "verbose": 0}, latency_runs=3)
+    result = tree.explore(tmp_path / "ds", paths=["PTQ"], log=lambda m: None)
+    assert result.rows[0]["int8_accuracy"] > 0.8
+    with pytest.raises(ValueError, match="unknown tree path"):
+        tree.explore(tmp_path / "ds", paths=["nope"])
+    with pytest.raises(ValueError, match="sparsity"):
+        co.DeploymentTree(trained, (x, y), (xt, yt), sparsity=1.5)
+    with pytest.raises(ValueError, match="clusters"):
+        co.DeploymentTree(trained, (x, y), (xt, yt), clusters=2)
+    assert np.isfinite(result.baseline["latency_ms"])
