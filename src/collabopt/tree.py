@@ -349,6 +349,7 @@ class DeploymentTree:
                         "fp32_accuracy": float_accuracy(leaf.node if leaf.quantization == "ptq"
                                                         else _float_parent(self.nodes,
                                                                            leaf.node)),
+                        "keras_accuracy": float_accuracy(leaf.node),  # the exported model
                         "int8_accuracy": evaluate_tflite(path, x_val, y_val, verbose=False),
                         "size_bytes": rep.size_bytes, "zip_bytes": rep.zip_bytes,
                         "zip_reduction": 1 - rep.zip_bytes / baseline["zip_bytes"],
