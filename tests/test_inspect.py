@@ -123,3 +123,11 @@ def test_plots(tmp_path, exported, trained):
     assert co.plot_tradeoff(rows, tmp_path / "p.png").stat().st_size > 1000
     with pytest.raises(KeyError, match="no_layer"):
         co.plot_weight_density([trained], "no_layer", tmp_path / "x.png")
+
+
+def test_verify_float_where_int8_expected(exported, trained):
+    files, _ = exported
+    with pytest.raises(co.VerificationError, match="not a fully-int8 model"):
+        co.verify(files["float"], trained)
+    checks = co.verify(files["float"], trained, expect_int8=False)
+    assert all(c.found for c in checks)

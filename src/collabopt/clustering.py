@@ -97,7 +97,7 @@ class ClusterWeights(Transform):
                                          initializer="zeros", trainable=True)
         if self.preserve_sparsity:
             self.mask = self.add_weight(name="mask", shape=shape, initializer="ones",
-                                        trainable=False)
+                                        trainable=False, aggregation="only_first_replica")
 
     def initialize(self, weight):
         w = np.asarray(weight)

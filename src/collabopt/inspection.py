@@ -296,17 +296,23 @@ def _dequantize(t: TensorStats) -> np.ndarray:
     return v * t.scales.reshape(shape)
 
 
-def verify(path: str | os.PathLike, model) -> list[WeightCheck]:
+def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[WeightCheck]:
     """Check that the file keeps the model's structure; raise VerificationError if not.
 
     For every optimizable weight of ``model`` (wrapped models are stripped first): it is in the
     file; each zero of the Keras weight is a zero in the file; distinct values per tensor and
-    per output channel did not grow. Returns the per-weight checks when all pass.
+    per output channel did not grow; and (``expect_int8``) the file is fully integer.
+    Returns the per-weight checks when all pass.
     """
     from collabopt.core import registry, structure
     from collabopt.core.rewrite import is_wrapped, iter_layers, strip
 
     report = inspect(path)
+    if expect_int8 and not report.fully_integer:
+        raise VerificationError(
+            f"{path} is not a fully-int8 model (input {report.input_dtype}, float or custom "
+            f"ops: {', '.join(report.non_integer_ops) or 'none'}). Export it with "
+            "quantization='int8', or pass expect_int8=False to check structure only.")
     plain = strip(model) if is_wrapped(model) else model
     checks: list[WeightCheck] = []
     used: set[int] = set()

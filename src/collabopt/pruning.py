@@ -128,7 +128,7 @@ class PruneMask(Transform):
 
     def build_for(self, shape):
         self.mask = self.add_weight(name="mask", shape=shape, initializer="ones",
-                                    trainable=False)
+                                    trainable=False, aggregation="only_first_replica")
         super().build_for(shape)
 
     def _new_mask(self, w, step):

@@ -32,11 +32,12 @@ class ActivationRange(keras.layers.Layer):
     def build(self, input_shape=None):
         self.range_min = self.add_weight(
             name="range_min", shape=(), initializer=keras.initializers.Constant(-6.0),
-            trainable=False)
+            trainable=False, aggregation="mean", dtype="float32")
         self.range_max = self.add_weight(
             name="range_max", shape=(), initializer=keras.initializers.Constant(6.0),
-            trainable=False)
-        self.seen = self.add_weight(name="seen", shape=(), initializer="zeros", trainable=False)
+            trainable=False, aggregation="mean", dtype="float32")
+        self.seen = self.add_weight(name="seen", shape=(), initializer="zeros", trainable=False,
+                                    aggregation="only_first_replica", dtype="float32")
         self.built = True
 
     def call(self, x, training=False):
@@ -75,8 +76,11 @@ class OptimizedLayer(keras.layers.Layer):
         self.transforms = [t for chain in chains.values() for t in chain]
         self.quantize_input = bool(quantize_input)
         self.quantize_output = bool(quantize_output)
-        self.input_range = ActivationRange(name="input_range") if quantize_input else None
-        self.output_range = ActivationRange(name="output_range") if quantize_output else None
+        # Ranges run in float32 whatever the mixed-precision policy (int8 ranges need it).
+        self.input_range = (ActivationRange(name="input_range", dtype="float32")
+                            if quantize_input else None)
+        self.output_range = (ActivationRange(name="output_range", dtype="float32")
+                             if quantize_output else None)
 
     # --- structure ---------------------------------------------------------------------
     @property
@@ -96,8 +100,10 @@ class OptimizedLayer(keras.layers.Layer):
             for t in chain:
                 if not t.built:
                     t.build_for(var.shape)
+        # Masks, steps and ranges are state, not parameters: under a distribution strategy
+        # every replica computes the same mask and step, and ranges are averaged.
         self.step = self.add_weight(name="step", shape=(), dtype="int32", initializer="zeros",
-                                    trainable=False)
+                                    trainable=False, aggregation="only_first_replica")
         if self.input_range is not None:
             self.input_range.build()
         if self.output_range is not None:
@@ -140,6 +146,8 @@ class OptimizedLayer(keras.layers.Layer):
             for name, tensor in swapped.items():
                 var, attr = self._targets[name]
                 originals[attr] = var
+                # mixed precision: the host expects its kernel in its compute dtype
+                tensor = ops.cast(tensor, self.layer.compute_dtype)
                 object.__setattr__(self.layer, attr, tensor)
             outputs = self.layer(inputs, **kwargs)
         finally:

@@ -1,0 +1,57 @@
+"""Distributed training and mixed precision keep the invariants."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import collabopt as co
+
+from .conftest import compile_model, tiny_conv_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_matches_single_device():
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "mirrored.py"),
+                          str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, r in out.items():
+        single, mirrored = r["single"], r["mirrored"]
+        assert single["step"] == mirrored["step"] == 8, name
+        np.testing.assert_array_equal(single["zeros"], mirrored["zeros"], err_msg=name)
+        assert mirrored["unique"] == single["unique"], name
+        # activation ranges see per-replica batches (averaged), hence a small tolerance
+        np.testing.assert_allclose(single["kernel"], mirrored["kernel"], atol=1e-3,
+                                   err_msg=name)
+    assert out["cluster"]["mirrored"]["unique"] <= 4
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_invariants(policy):
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        base = tiny_conv_model()
+        pruned = compile_model(co.prune(base, 0.5, verbose=False))
+        pruned.fit(x, y, epochs=1, verbose=0)
+        pruned = co.strip(pruned)
+        clustered = compile_model(co.cluster(pruned, 4, verbose=False))
+        clustered.fit(x, y, epochs=1, verbose=0)
+        qat = compile_model(co.quantize(co.strip(clustered), verbose=False))
+        qat.fit(x, y, epochs=1, verbose=0)
+        for t in qat.get_layer("pw").transforms:
+            assert all(v.dtype == "float32" for v in t.weights)  # state stays float32
+        k = co.strip(qat).get_layer("pw").kernel.numpy()
+        np.testing.assert_array_equal(k == 0, pruned.get_layer("pw").kernel.numpy() == 0)
+        assert np.unique(k).size <= 4
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
