@@ -32,6 +32,10 @@ _API = {
 
 __all__ = sorted(_API)
 
+from collabopt import _registration  # noqa: E402
+
+_registration.install()  # wrapped .keras files load with plain keras.models.load_model
+
 
 def __getattr__(name: str):
     if name in _API:
