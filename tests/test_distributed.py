@@ -55,3 +55,53 @@ def test_mixed_precision_keeps_invariants(policy):
         assert np.unique(k).size <= 4
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_two_processes_on_loopback():
+    import os
+
+    cluster = {"worker": [f"localhost:{_free_port()}" for _ in range(2)]}
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow",
+               "TF_CONFIG": json.dumps({"cluster": cluster,
+                                        "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "scripts" / "multiworker.py"), str(ROOT)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    a, b = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
+    assert a["kernel"] == b["kernel"] and a["mask"] == b["mask"]  # identical on both workers
+    assert a["zeros_kept"] and a["unique"] <= 4
+    assert a["step"] == b["step"] == 8 and abs(a["sparsity"] - 0.6) < 0.05
+
+
+@pytest.mark.slow
+def test_jax_data_parallel_matches_single_device():
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (pip install 'collabopt[jax]')")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" /
+                                              "jax_data_parallel.py"), str(ROOT)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    single, parallel = out["single"], out["data_parallel"]
+    assert out["devices"] == 2
+    assert single["zeros"] == parallel["zeros"] and parallel["zeros"] == parallel["zeros_after"]
+    assert parallel["unique"] <= 4
+    np.testing.assert_allclose(single["kernel"], parallel["kernel"], atol=1e-4)
