@@ -83,7 +83,7 @@ def main():
         lr = 3e-4
     else:
         splits = {}
-        base_epochs, ft = (10, 2) if args.quick else (40, 6)
+        base_epochs, ft = (10, 2) if args.quick else (30, 4)
         for split, holdout in (("official split", None), ("speaker 'theo' held out", "theo")):
             (x, y), (xt, yt) = datasets.speech_digits(holdout_speaker=holdout)
             base = train_base(lambda: models.ds_cnn("L", classes=10), (x, y), base_epochs)

@@ -35,8 +35,9 @@ def init_centroids(values: np.ndarray, k: int, init: str, seed: int = 0) -> np.n
         from collabopt._kernels.kmeans1d import kmeans1d
 
         return kmeans1d(v, k)
-    if init == "kmeans++":
-        return _lloyd(v, _kmeanspp_seeds(v, k, rng))
+    if init == "kmeans++":  # seeds and Lloyd refinement on a sample: it is an initialiser
+        sample = v if v.size <= 200_000 else rng.choice(v, 200_000, replace=False)
+        return _lloyd(sample, _kmeanspp_seeds(sample, k, rng))
     raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
 
 
