@@ -1,0 +1,136 @@
+"""The deployment-tree leaves built with tfmot 0.8.1 (tf_keras), for side-by-side comparison.
+Runs inside benchmarks/tfmot_env; reads the data and the trained base weights that
+bench_vs_tfmot.py wrote, fine-tunes every node with the same optimizer, epochs and batch size,
+and exports each leaf with the same converter settings. Evaluation happens in the main
+environment, identically for both systems. Not meant to be run by hand.
+
+    tfmot_env/bin/python tfmot_tree.py WORKDIR ARCH EPOCHS SPARSITY CLUSTERS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+L = keras.layers
+sparsity_api = tfmot.sparsity.keras
+cluster_api = tfmot.clustering.keras
+quant_api = tfmot.quantization.keras
+combine = tfmot.experimental.combine
+
+
+def mnist_cnn(shape, classes):
+    inp = keras.Input(shape)
+    x = inp
+    for i, filters in enumerate((16, 32), start=1):
+        x = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = L.BatchNormalization(momentum=0.9, name=f"conv{i}_bn")(x)
+        x = L.ReLU(name=f"conv{i}_relu")(x)
+        x = L.MaxPooling2D(2, name=f"pool{i}")(x)
+    return keras.Model(inp, L.Dense(classes, name="logits")(L.Flatten(name="flatten")(x)))
+
+
+def ds_cnn_l(shape, classes):
+    inp = keras.Input(shape)
+    x = L.Conv2D(276, (10, 4), strides=(2, 1), padding="same", use_bias=False,
+                 name="conv_1")(inp)
+    x = L.ReLU()(L.BatchNormalization(momentum=0.9, name="conv_1_bn")(x))
+    for i in range(1, 6):
+        x = L.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"dw_{i}")(x)
+        x = L.ReLU()(L.BatchNormalization(momentum=0.9, name=f"dw_{i}_bn")(x))
+        x = L.Conv2D(276, 1, use_bias=False, name=f"pw_{i}")(x)
+        x = L.ReLU()(L.BatchNormalization(momentum=0.9, name=f"pw_{i}_bn")(x))
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, L.Dense(classes, name="logits")(x))
+
+
+def main():
+    work, arch, epochs, sparsity, clusters = (Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
+                                              float(sys.argv[4]), int(sys.argv[5]))
+    data = np.load(work / "data.npz")
+    x, y = data["x_train"], data["y_train"]
+    shape, classes = x.shape[1:], int(data["classes"])
+    base_weights = [data[f"w{i}"] for i in range(int(data["n_weights"]))]
+    out = work / "tfmot"
+    out.mkdir(exist_ok=True)
+
+    def base():
+        model = {"mnist_cnn": mnist_cnn, "ds_cnn_l": ds_cnn_l}[arch](shape, classes)
+        model.set_weights(base_weights)
+        return model
+
+    def fit(model):
+        keras.utils.set_random_seed(0)
+        model.compile(keras.optimizers.Adam(3e-4),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        callbacks = [sparsity_api.UpdatePruningStep()] if any(
+            "prune_low_magnitude" in layer.name for layer in model.layers) else []
+        model.fit(x, y, epochs=epochs, batch_size=64, verbose=0, callbacks=callbacks)
+        return model
+
+    def export(model, name, qat):
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if not qat:
+            def gen():
+                for i in np.linspace(0, len(x) - 1, 300).astype(int):
+                    yield [x[i:i + 1].astype(np.float32)]
+            converter.representative_dataset = gen
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        (out / f"{name}.tflite").write_bytes(converter.convert())
+
+    def cluster(model, per_channel=False, preserve=False):
+        kwargs = {"number_of_clusters": clusters, "preserve_sparsity": preserve,
+                  "cluster_centroids_init": cluster_api.CentroidInitialization.KMEANS_PLUS_PLUS}
+        if per_channel:
+            kwargs["cluster_per_channel"] = True
+        return cluster_api.strip_clustering(fit(cluster_api.cluster_weights(model, **kwargs)))
+
+    def qat(model, scheme=None):
+        annotated = quant_api.quantize_annotate_model(model)
+        q = quant_api.quantize_apply(annotated, scheme) if scheme else quant_api.quantize_apply(
+            annotated)
+        return fit(q)
+
+    results = {}
+    pruned = sparsity_api.strip_pruning(fit(sparsity_api.prune_low_magnitude(
+        base(), sparsity_api.ConstantSparsity(sparsity, 0, frequency=100))))
+    leaves = {
+        "PTQ": lambda: (base(), False),
+        "QAT": lambda: (qat(base()), True),
+        "prune → PTQ": lambda: (pruned, False),
+        "cluster → PTQ": lambda: (cluster(base()), False),
+        "cluster(pc) → PTQ": lambda: (cluster(base(), per_channel=True), False),
+        "PQAT": lambda: (qat(pruned, combine.Default8BitPrunePreserveQuantizeScheme()), True),
+        "prune → cluster → PTQ": lambda: (cluster(pruned, preserve=True), False),
+        "CQAT": lambda: (qat(cluster(base()), combine.Default8BitClusterPreserveQuantizeScheme(
+            False)), True),
+        "PCQAT": lambda: (qat(cluster(pruned, preserve=True),
+                              combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
+    }
+    for name, make in leaves.items():
+        try:
+            model, is_qat = make()
+            export(model, name.replace(" → ", "-").replace("(pc)", "_pc").replace(" ", "_"),
+                   is_qat)
+            results[name] = "ok"
+        except Exception as err:  # noqa: BLE001 - report what tfmot cannot do
+            results[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+        print(name, results[name], flush=True)
+    (out / "status.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
