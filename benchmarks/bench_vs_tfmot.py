@@ -17,7 +17,7 @@ from _common import ROOT, md_table, save_json, write_section
 from bench_step_time import ensure_tfmot_env
 
 import collabopt as co
-from collabopt import datasets, models
+from collabopt import datasets, models, vela
 
 LEAVES = ["PTQ", "QAT", "prune → PTQ", "cluster → PTQ", "cluster(pc) → PTQ", "PQAT",
           "prune → cluster → PTQ", "CQAT", "PCQAT"]
@@ -35,7 +35,7 @@ def measure(path, x, y) -> dict:
            "unique_per_channel_max": max(t.unique_per_channel_max for t in report.tensors),
            "fully_integer": report.fully_integer, "vela_encoded_bytes": None,
            "vela_cycles": None}
-    if co.vela.available():
+    if vela.available():
         v = co.vela_report(path)
         row["vela_encoded_bytes"], row["vela_cycles"] = v.encoded_weight_bytes, v.cycles
     return row

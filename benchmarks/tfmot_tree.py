@@ -104,20 +104,30 @@ def main():
             annotated)
         return fit(q)
 
+    def fresh(model):
+        """A clone with the same weights: tfmot wrappers take over the layers they wrap."""
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+
     results = {}
+    # parents are trained once and shared by their children, as in collabopt's tree
     pruned = sparsity_api.strip_pruning(fit(sparsity_api.prune_low_magnitude(
         base(), sparsity_api.ConstantSparsity(sparsity, 0, frequency=100))))
+    clustered = cluster(base())
+    pruned_clustered = cluster(fresh(pruned), preserve=True)
     leaves = {
         "PTQ": lambda: (base(), False),
         "QAT": lambda: (qat(base()), True),
-        "prune → PTQ": lambda: (pruned, False),
-        "cluster → PTQ": lambda: (cluster(base()), False),
+        "prune → PTQ": lambda: (fresh(pruned), False),
+        "cluster → PTQ": lambda: (fresh(clustered), False),
         "cluster(pc) → PTQ": lambda: (cluster(base(), per_channel=True), False),
-        "PQAT": lambda: (qat(pruned, combine.Default8BitPrunePreserveQuantizeScheme()), True),
-        "prune → cluster → PTQ": lambda: (cluster(pruned, preserve=True), False),
-        "CQAT": lambda: (qat(cluster(base()), combine.Default8BitClusterPreserveQuantizeScheme(
-            False)), True),
-        "PCQAT": lambda: (qat(cluster(pruned, preserve=True),
+        "PQAT": lambda: (qat(fresh(pruned), combine.Default8BitPrunePreserveQuantizeScheme()),
+                         True),
+        "prune → cluster → PTQ": lambda: (fresh(pruned_clustered), False),
+        "CQAT": lambda: (qat(fresh(clustered),
+                             combine.Default8BitClusterPreserveQuantizeScheme(False)), True),
+        "PCQAT": lambda: (qat(fresh(pruned_clustered),
                               combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
     }
     for name, make in leaves.items():
