@@ -59,3 +59,20 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def timed_fit(keras, model, x, y, batch_size, callbacks=()) -> list[float]:
+    """One epoch of ``model.fit``; seconds of each training step. ``keras`` is passed in so
+    that the tf_keras scripts of benchmarks/tfmot_env share this helper."""
+    times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False,
+              callbacks=[*callbacks, Timer()])
+    return times

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from _common import md_table, save_json, write_section
+from _common import md_table, save_json, timed_fit, write_section
 
 
 def child(variant: str, steps: int, size: int, batch: int) -> None:
@@ -38,16 +38,7 @@ def child(variant: str, steps: int, size: int, batch: int) -> None:
     rng = np.random.default_rng(0)
     x = rng.random((batch * steps, size, size, 3), dtype=np.float32)
     y = rng.integers(0, 1000, batch * steps)
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, b, logs=None):
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, b, logs=None):
-            times.append(time.perf_counter() - self.t)
-
-    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[Timer()])
+    times = timed_fit(keras, model, x, y, batch)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"variant": variant, "weights": weights, "peak_mb": peak_kb / 1024,
                       "ms_per_step": float(np.median(times[2:])) * 1000,

@@ -11,12 +11,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
 import numpy as np
-from _common import ROOT, md_table, save_json, write_section
+from _common import ROOT, md_table, save_json, timed_fit, write_section
 
 import collabopt as co
 from collabopt import models
@@ -62,18 +61,7 @@ def variants(build):
 def step_times(model, x, y, steps):
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            times.append(time.perf_counter() - self.t)
-
-    model.fit(x, y, batch_size=len(x) // steps, epochs=1, verbose=0, callbacks=[Timer()],
-              shuffle=False)
-    return times
+    return timed_fit(keras, model, x, y, len(x) // steps)
 
 
 def measure(arch: str, rounds: int, steps: int) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -16,6 +15,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from _common import timed_fit  # noqa: E402
 
 L = keras.layers
 
@@ -88,18 +88,7 @@ def variants(build):
 def step_times(model, x, y, steps, callbacks):
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            times.append(time.perf_counter() - self.t)
-
-    model.fit(x, y, batch_size=len(x) // steps, epochs=1, verbose=0,
-              callbacks=callbacks + [Timer()], shuffle=False)
-    return times
+    return timed_fit(keras, model, x, y, len(x) // steps, callbacks)
 
 
 def main():
