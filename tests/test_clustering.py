@@ -142,3 +142,17 @@ def test_bad_input(trained):
     with pytest.raises(TypeError):
         co.cluster(trained, 8.0)
     assert_unchanged(trained, before)
+
+
+def test_cluster_appends_to_a_wrapped_chain(digits):
+    """Clustering a still-wrapped pruned model appends to its chain (no second wrapper)."""
+    (x, y), _ = digits
+    pruned = compile_model(co.prune(tiny_conv_model(), 0.5, verbose=False))
+    pruned.fit(x[:64], y[:64], epochs=1, verbose=0)
+    both = compile_model(co.cluster(pruned, 4, verbose=False))
+    layer = both.get_layer("pw")
+    assert [type(t).__name__ for t in layer.transforms] == ["PruneMask", "ClusterWeights"]
+    assert layer.step.numpy() == pruned.get_layer("pw").step.numpy()
+    both.fit(x[:64], y[:64], epochs=1, verbose=0)
+    k = co.strip(both).get_layer("pw").kernel.numpy()
+    assert abs(np.mean(k == 0) - 0.5) < 0.02 and np.unique(k).size <= 4

@@ -24,7 +24,6 @@ from collabopt.core import registry, structure
 from collabopt.core.rewrite import (
     LayerSelector,
     apply_to_model,
-    copy_layer,
     is_wrapped,
     iter_layers,
     rewrite,
@@ -267,5 +266,3 @@ def scheme_of(model: keras.Model) -> str:
     return {(False, False): "QAT", (True, False): "PQAT", (False, True): "CQAT",
             (True, True): "PCQAT"}[(sparse, clustered)]
 
-
-__all__ = ["quantize", "fold_batchnorm", "WeightFakeQuant", "scheme_of", "copy_layer"]

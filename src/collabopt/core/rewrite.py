@@ -255,11 +255,7 @@ def wrap(layer: keras.layers.Layer, chains: dict, **options) -> OptimizedLayer:
         new = OptimizedLayer(copy_layer(layer.layer), merged, **options)
         new.build(input_shape(layer))
         new.step.assign(layer.step.value)  # copies carry host weights and old transform state
-        for name, chain in chains.items():
-            w = numpy_chain_output(new, name, stop_before=chain[0])
-            for t in chain:
-                t.initialize(w)
-                w = keras.ops.convert_to_numpy(t.apply(keras.ops.convert_to_tensor(w)))
+        new.initialize_transforms(only=[t for chain in chains.values() for t in chain])
         return new
     host = copy_layer(layer)
     new = OptimizedLayer(host, chains, **options)
@@ -286,15 +282,6 @@ def current_weight(layer: keras.layers.Layer, name: str) -> np.ndarray:  # noqa:
     if isinstance(layer, OptimizedLayer):
         return keras.ops.convert_to_numpy(layer.transformed_weight(name))
     return registry.find_variable(layer, name).numpy()
-
-
-def numpy_chain_output(layer: OptimizedLayer, name: str, stop_before) -> np.ndarray:  # noqa: F821
-    w = layer._targets[name][0].value
-    for t in layer.chains[name]:
-        if t is stop_before:
-            break
-        w = t.apply(w)
-    return keras.ops.convert_to_numpy(w)
 
 
 # --- strip -------------------------------------------------------------------------------

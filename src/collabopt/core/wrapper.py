@@ -9,7 +9,6 @@ technique means appending a transform to a chain.
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from collabopt.core import registry
@@ -110,12 +109,15 @@ class OptimizedLayer(keras.layers.Layer):
             self.output_range.build()
         self.built = True
 
-    def initialize_transforms(self) -> None:
-        """Initialise every transform from the host layer's current weights (wrap time)."""
-        for name, chain in self.chains.items():
+    def initialize_transforms(self, only: list[Transform] | None = None) -> None:
+        """Initialise transforms (all, or ``only`` these newly appended ones) from the value
+        their chain feeds them (wrap time)."""
+        for chain in self.chains.values():
+            name = self.chain_weights[self.transforms.index(chain[0])]
             w = keras.ops.convert_to_numpy(self._targets[name][0].value)
             for t in chain:
-                t.initialize(w)
+                if only is None or any(t is o for o in only):
+                    t.initialize(w)
                 w = keras.ops.convert_to_numpy(t.apply(ops.convert_to_tensor(w)))
 
     # --- forward -------------------------------------------------------------------------
@@ -185,6 +187,3 @@ class OptimizedLayer(keras.layers.Layer):
                  for name, chain in self.chains.items()]
         return f"{self.name} ({type(self.layer).__name__}) " + "; ".join(parts)
 
-
-def numpy_weight(layer: OptimizedLayer, name: str, upto_export: bool = False) -> np.ndarray:
-    return keras.ops.convert_to_numpy(layer.transformed_weight(name, upto_export=upto_export))
