@@ -1,6 +1,6 @@
 """Accuracy and size of every leaf of the deployment tree, on real data, for a standard and
-an aggressive setting. Workloads: the MNIST CNN (full MNIST) and DS-CNN-L on spoken digits
-(official split and one speaker held out).
+an aggressive setting. Workloads: the MNIST CNN (full MNIST, both settings) and DS-CNN-L on
+spoken digits with one speaker held out (aggressive setting: the official split is solved).
 
     python benchmarks/bench_tree.py mnist [--quick]
     python benchmarks/bench_tree.py kws [--quick]
