@@ -141,3 +141,12 @@ def test_unsupported_op_for_int8(tmp_path):
         co.export_tflite(model, tmp_path / "e.tflite",
                          representative_data=np.random.rand(20, 8).astype("float32"))
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_no_range_between_a_layer_and_its_relu(trained):
+    """conv -> (folded BN) -> ReLU: only the ReLU output is fake-quantized, as the converter
+    fuses the pair and quantizes once."""
+    qat = co.quantize(trained, verbose=False)
+    assert qat.get_layer("conv1").output_range is None
+    assert qat.get_layer("conv1_relu").output_range is not None
+    assert qat.get_layer("logits").output_range is not None

@@ -171,6 +171,36 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
 
 
 # --- quantize ----------------------------------------------------------------------------
+def _fused_into_activation(model) -> set[str]:
+    """Layers whose only consumer is a ReLU (possibly through a folded-BN identity).
+
+    The converter fuses such a layer with its ReLU and quantizes only the ReLU's output, so
+    QAT must not fake-quantize the pre-activation tensor too: doing so simulates a coarser
+    grid than the file uses, an error that compounds with depth.
+    """
+    def fusable(layer):
+        if isinstance(layer, keras.layers.ReLU):
+            cfg = layer.get_config()
+            return cfg.get("negative_slope", 0) == 0 and cfg.get("threshold", 0) == 0 and (
+                cfg.get("max_value") in (None, 6.0, 6))
+        return isinstance(layer, keras.layers.Activation) and layer.get_config().get(
+            "activation") in ("relu", "relu6")
+
+    def consumers(layer):
+        return [node.operation for node in layer._outbound_nodes]
+
+    names = set()
+    for layer in model.layers:
+        if registry.weight_specs(layer) is None:
+            continue
+        nxt = consumers(layer)
+        if len(nxt) == 1 and isinstance(nxt[0], FoldedBatchNorm):
+            nxt = consumers(nxt[0])
+        if len(nxt) == 1 and fusable(nxt[0]):
+            names.add(layer.name)
+    return names
+
+
 def _input_consumers(model) -> set[str]:
     if isinstance(model, keras.Sequential):
         return {model.layers[0].name} if model.layers else set()
@@ -200,6 +230,7 @@ def quantize(
         model = strip(model)
     model = fold_batchnorm(model)
     consumers = _input_consumers(model)
+    fused = _fused_into_activation(model)
     found: dict[str, bool] = {"sparsity": False, "clusters": False}
 
     def make_chains(layer, specs, explicit):
@@ -232,7 +263,8 @@ def quantize(
             chain.append(WeightFakeQuant(
                 per_channel=s.int8_per_channel and not per_tensor_codebook, **axes))
             chains[s.name] = chain
-        return chains, {"quantize_output": True, "quantize_input": layer.name in consumers}
+        return chains, {"quantize_output": layer.name not in fused,
+                        "quantize_input": layer.name in consumers}
 
     def wrap_other(layer):
         if isinstance(layer, keras.layers.InputLayer):
