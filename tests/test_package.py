@@ -22,3 +22,8 @@ def test_unknown_attribute():
 
     with pytest.raises(AttributeError):
         collabopt.not_an_api  # noqa: B018
+
+
+def test_submodules_reachable_from_the_package():
+    assert callable(collabopt.models.mnist_cnn) and callable(collabopt.datasets.digits)
+    assert callable(collabopt.vela.available)

@@ -37,7 +37,13 @@ from collabopt import _registration  # noqa: E402
 _registration.install()  # wrapped .keras files load with plain keras.models.load_model
 
 
+_SUBMODULES = {"models", "datasets", "pruning", "clustering", "quantization", "export",
+               "inspection", "vela", "plots", "report", "tree", "cli", "core"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:  # co.models.ds_cnn(), co.datasets.mnist(), ...
+        return importlib.import_module(f"collabopt.{name}")
     if name in _API:
         module = importlib.import_module(f"collabopt.{_API[name]}")
         value = getattr(module, name)
