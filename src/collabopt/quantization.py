@@ -248,8 +248,8 @@ def quantize(
                 per_channel = not st.clustered_per_tensor
                 rows = (registry.channels_first_2d_np(w, s.channel_axes) if per_channel
                         else w.reshape(1, -1))
-                if keep_zeros:
-                    k = 1 + max(np.unique(r[r != 0]).size for r in rows)
+                if keep_zeros:  # free centroids for the non-zero values, plus the pinned 0
+                    k = 1 + int(structure.distinct_nonzero(rows)[0].max())
                 else:
                     k = int(structure.unique_per_channel(rows).max())
                 chain.append(ClusterWeights(max(k, 3 if keep_zeros else 2), init="linear",

@@ -47,7 +47,7 @@ def unique_per_channel(w2d: np.ndarray) -> np.ndarray:
     return 1 + np.count_nonzero(np.diff(s, axis=1), axis=1)
 
 
-def _distinct_nonzero(w2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def distinct_nonzero(w2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: number of distinct non-zero values, number of non-zero values."""
     nonzero = np.count_nonzero(w2d, axis=1)
     has_zero = nonzero < w2d.shape[1]
@@ -57,8 +57,8 @@ def _distinct_nonzero(w2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def detect(w: np.ndarray, channel_axes: tuple[int, ...]) -> Structure:
     w = np.asarray(w)
     w2d = channels_first_2d_np(w, channel_axes)
-    d_c, n_c = _distinct_nonzero(w2d)
-    d_t, n_t = _distinct_nonzero(w.reshape(1, -1))
+    d_c, n_c = distinct_nonzero(w2d)
+    d_t, n_t = distinct_nonzero(w.reshape(1, -1))
     k_channel = int(d_c.max())
     per_channel = bool(k_channel <= MAX_CLUSTERS and np.any(d_c < n_c)
                        and np.all((d_c < n_c) | (n_c <= k_channel)))
