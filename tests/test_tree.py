@@ -102,3 +102,16 @@ def test_dataset_inputs_and_bad_arguments(tmp_path, trained, digits):
     with pytest.raises(ValueError, match="clusters"):
         co.DeploymentTree(trained, (x, y), (xt, yt), clusters=2)
     assert np.isfinite(result.baseline["latency_ms"])
+
+
+def test_gradual_prune_schedule_and_code_version(trained, digits):
+    """Pruning ramps over 2/3 of the fine-tune; the fingerprint names the code that trained."""
+    from collabopt.pruning import PolynomialDecay
+
+    tree = _tree(trained, digits, sparsity=0.75, fit={"epochs": 3, "batch_size": 64})
+    schedule = tree._prune_schedule()
+    steps = 3 * -(-600 // 64)  # 600 samples, batch 64
+    assert isinstance(schedule, PolynomialDecay) and schedule.final == 0.75
+    assert schedule.end_step == (2 * steps) // 3 and 1 <= schedule.frequency <= schedule.end_step
+    version = tree.fingerprint()["collabopt"]
+    assert version.startswith(co.__version__ + "+") and len(version.split("+")[1]) == 12

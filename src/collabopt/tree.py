@@ -15,6 +15,9 @@ continues where it stopped::
            └── CQAT                  level 2
 
 With ``per_channel=True`` the clustered branches also run with per-channel codebooks.
+Pruning ramps up gradually on the model as given (batch norm still there to help it recover);
+clustering starts from a batch-norm-folded copy so its shared values are the ones deployed;
+QAT folds batch norm itself.
 """
 
 from __future__ import annotations
@@ -203,7 +206,8 @@ class DeploymentTree:
         for w in self.model.get_weights():
             weights.update(np.ascontiguousarray(w).tobytes())
         fit = {k: v for k, v in self.fit.items() if k not in ("callbacks", "verbose")}
-        return {"architecture": hashlib.sha1(arch.encode()).hexdigest(),
+        return {"collabopt": _code_version(),
+                "architecture": hashlib.sha1(arch.encode()).hexdigest(),
                 "weights": weights.hexdigest(), "sparsity": self.sparsity,
                 "clusters": self.clusters, "per_channel": self.per_channel,
                 "fit": json.dumps(fit, sort_keys=True, default=str),
@@ -224,14 +228,31 @@ class DeploymentTree:
         model.compile(**kwargs)
         return model
 
+    def _prune_schedule(self):
+        """Zhu & Gupta ramp over the first 2/3 of fine-tuning, then a third to recover.
+
+        One-shot pruning of a deep model to a high sparsity (75 % of DS-CNN-L) destroyed it
+        beyond what a short fine-tune recovers; the gradual ramp is what the reference uses.
+        """
+        from collabopt.pruning import PolynomialDecay
+
+        per_epoch = self.fit.get("steps_per_epoch") or _steps_per_epoch(
+            self.train, self.fit.get("batch_size", 32))
+        steps = int(per_epoch) * int(self.fit.get("epochs", 1))
+        end = max(1, (2 * steps) // 3)
+        return PolynomialDecay(0.0, self.sparsity, begin_step=0, end_step=end,
+                               frequency=max(1, end // 16))
+
     def _train(self, node: Node, parent_model, log):
         import collabopt as co
+        from collabopt.quantization import fold_batchnorm
 
-        if node.op == "prune":
-            model = co.prune(parent_model, self.sparsity, verbose=False)
+        if node.op == "prune":  # before BN folding: batch norm helps the model recover
+            model = co.prune(parent_model, self._prune_schedule(), verbose=False)
         elif node.op in ("cluster", "cluster_pc"):
-            model = co.cluster(parent_model, self.clusters, per_channel=node.op == "cluster_pc",
-                               verbose=False)
+            # BN folded first, so the converter cannot rescale the shared values per channel
+            model = co.cluster(fold_batchnorm(parent_model), self.clusters,
+                               per_channel=node.op == "cluster_pc", verbose=False)
         elif node.op == "qat":
             model = co.quantize(parent_model, verbose=False)
         else:
@@ -248,7 +269,6 @@ class DeploymentTree:
 
         import collabopt as co
         from collabopt.inspection import evaluate_tflite, inspect, latency_ms, verify
-        from collabopt.quantization import fold_batchnorm
 
         out = Path(out_dir)
         wanted = self._select(paths)
@@ -280,7 +300,7 @@ class DeploymentTree:
             node = next(n for n in self.nodes if n.name == name)
             file = out / "nodes" / f"{name}.keras"
             if node.op == "base":
-                model = fold_batchnorm(self.model)
+                model = self.model
             elif file.exists():
                 model = keras.models.load_model(file, safe_mode=True)
                 log(f"[tree] {name}: loaded from {file}")
@@ -414,6 +434,31 @@ class DeploymentTree:
         if pcqat.exists():
             stages["PCQAT int8 (file)"] = str(pcqat)
         return stages
+
+
+def _code_version() -> str:
+    """Version plus a hash of the package's sources: nodes trained by other code are stale."""
+    import collabopt
+
+    digest = hashlib.sha1()
+    root = Path(collabopt.__file__).parent
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode())
+        digest.update(file.read_bytes())
+    return f"{collabopt.__version__}+{digest.hexdigest()[:12]}"
+
+
+def _steps_per_epoch(data, batch_size: int) -> int:
+    """Training steps in one epoch of ``fit`` for numpy tuples, tf.data or a PyDataset."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return max(1, -(-len(data[0]) // int(batch_size)))
+    if hasattr(data, "cardinality"):
+        n = int(data.cardinality())
+        if n > 0:
+            return n
+    if hasattr(data, "__len__"):
+        return max(1, len(data))
+    return max(1, sum(1 for _ in data))
 
 
 def _float_parent(nodes: list[Node], name: str) -> str:
