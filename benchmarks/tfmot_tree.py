@@ -54,6 +54,24 @@ def ds_cnn_l(shape, classes):
     return keras.Model(inp, L.Dense(classes, name="logits")(x))
 
 
+def mobilenet_v1(shape, classes, alpha=0.25):
+    """collabopt.models.mobilenet_v1 layer for layer (same weight order)."""
+    plan = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [
+        (1024, 2), (1024, 1)]
+    inp = keras.Input(shape)
+    x = L.Conv2D(int(32 * alpha), 3, strides=2, padding="same", use_bias=False,
+                 name="conv1")(inp)
+    x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9, name="conv1_bn")(x))
+    for i, (filters, stride) in enumerate(plan, start=1):
+        x = L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
+                              name=f"conv_dw_{i}")(x)
+        x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9, name=f"conv_dw_{i}_bn")(x))
+        x = L.Conv2D(int(filters * alpha), 1, use_bias=False, name=f"conv_pw_{i}")(x)
+        x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9, name=f"conv_pw_{i}_bn")(x))
+    x = L.Dropout(1e-3)(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inp, L.Dense(classes, name="logits")(x))
+
+
 def main():
     work, arch, epochs, sparsity, clusters = (Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
                                               float(sys.argv[4]), int(sys.argv[5]))
@@ -65,7 +83,8 @@ def main():
     out.mkdir(exist_ok=True)
 
     def base():
-        model = {"mnist_cnn": mnist_cnn, "ds_cnn_l": ds_cnn_l}[arch](shape, classes)
+        model = {"mnist_cnn": mnist_cnn, "ds_cnn_l": ds_cnn_l,
+                 "mobilenet_v1": mobilenet_v1}[arch](shape, classes)
         model.set_weights(base_weights)
         return model
 
@@ -112,8 +131,11 @@ def main():
 
     results = {}
     # parents are trained once and shared by their children, as in collabopt's tree
-    pruned = sparsity_api.strip_pruning(fit(sparsity_api.prune_low_magnitude(
-        base(), sparsity_api.ConstantSparsity(sparsity, 0, frequency=100))))
+    # the schedule collabopt's tree uses: a Zhu & Gupta ramp over 2/3 of the fine-tune
+    end = max(1, 2 * (-(-len(x) // 64) * epochs) // 3)
+    schedule = sparsity_api.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=end,
+                                            frequency=max(1, end // 16))
+    pruned = sparsity_api.strip_pruning(fit(sparsity_api.prune_low_magnitude(base(), schedule)))
     clustered = cluster(base())
     pruned_clustered = cluster(fresh(pruned), preserve=True)
     leaves = {

@@ -51,6 +51,12 @@ def test_speech_digits(tmp_path, monkeypatch):
     assert xl.shape == (2700, 49, 40, 1)
     (xs, _), (xh, _) = datasets.speech_digits(FSDD, holdout_speaker="theo")
     assert len(xh) == 500 and len(xs) == 2500
+    # standardized with the training split's statistics, per coefficient
+    np.testing.assert_allclose(xs.mean(axis=(0, 1, 3)), 0, atol=1e-3)
+    np.testing.assert_allclose(xs.std(axis=(0, 1, 3)), 1, atol=1e-3)
+    assert np.abs(xh.mean(axis=(0, 1, 3))).max() > 0.01  # the unseen speaker is not re-centred
+    (raw, _), _ = datasets.speech_digits(FSDD, holdout_speaker="theo", standardize=False)
+    assert raw[..., 0, :].std() > 10 * raw[..., 9, :].std()
 
 
 def test_speech_digits_bad_input(tmp_path):
