@@ -35,8 +35,8 @@ def train_base(build, train, epochs, lr=1e-3, batch_size=64, seed=0):
     return model
 
 
-def run_tree(name, base, train, val, sparsity, clusters, epochs, lr, out):
-    tree = co.DeploymentTree(base, train, val, compile=_compile(lr),
+def run_tree(name, base, train, val, sparsity, clusters, epochs, lr, qat_lr, out):
+    tree = co.DeploymentTree(base, train, val, compile=_compile(lr), qat_compile=_compile(qat_lr),
                              fit={"epochs": epochs, "batch_size": 64, "verbose": 0},
                              sparsity=sparsity, clusters=clusters, per_channel=True,
                              latency_runs=30)
@@ -82,7 +82,7 @@ def main():
         base = train_base(models.mnist_cnn, (x, y), base_epochs)
         settings = [("standard", 0.5, 16), ("aggressive", 0.8, 8)]
         splits = {"MNIST": ((x, y), (xt, yt), base)}
-        lr = 3e-4
+        lr = qat_lr = 3e-4
     else:
         # The official split is solved by DS-CNN-L (100 %, measured with tfmot), so the
         # methods are told apart on a speaker held out, at the aggressive setting.
@@ -93,21 +93,26 @@ def main():
             base = train_base(lambda: models.ds_cnn("L", classes=10), (x, y), base_epochs)
             splits[split] = ((x, y), (xt, yt), base)
         settings = [("aggressive", 0.75, 4)]
-        lr = 3e-4
+        # The base reaches ~0 training loss: fine-tuning it at 3e-4 moved the unseen
+        # speaker's accuracy by 5 points with no compression at all, so gentler rates here.
+        lr, qat_lr = 1e-4, 1e-5
     for split, (train, val, base) in splits.items():
         for setting, sparsity, clusters in settings:
             key = f"{args.workload}-{split}-{setting}".replace(" ", "_").replace("'", "")
             print(f"[bench] {key}: sparsity {sparsity}, {clusters} clusters")
-            result, seconds = run_tree(key, base, train, val, sparsity, clusters, ft, lr, out)
+            result, seconds = run_tree(key, base, train, val, sparsity, clusters, ft, lr,
+                                       qat_lr, out)
             data[key] = {"baseline": result.baseline, "rows": result.rows, "seconds": seconds}
             sections.append(f"### {split}, {setting}: {sparsity:.0%} sparsity, {clusters} "
                             f"clusters\n\n{table(result)}\n\nTree explored in {seconds:.0f}s.")
     save_json(f"tree_{args.workload}{'_quick' if args.quick else ''}", data)
     what = ("MNIST CNN on MNIST (60,000 / 10,000)" if args.workload == "mnist" else
-            "DS-CNN-L on spoken digits (49x10 MFCC)")
+            "DS-CNN-L on spoken digits (49x10 MFCC, standardized)")
     write_section(f"tree_{args.workload}", f"Deployment tree: {what}",
                   f"Base model trained {base_epochs} epochs (Adam 1e-3, batch 64, seed 0); every "
-                  f"node fine-tuned {ft} epoch(s) at Adam {lr:g}; clustering per tensor on the "
+                  f"node fine-tuned {ft} epoch(s) at Adam {lr:g} (QAT nodes at {qat_lr:g}); "
+                  "pruning ramps 0 → target over the first 2/3 of the fine-tune (polynomial "
+                  "decay) on the model with batch norm; clustering per tensor on the "
                   "batch-norm-folded model (kmeans++), per channel for the (pc) rows; QAT leaves "
                   "export their learned ranges, PTQ leaves calibrate on 300 training samples. "
                   "'Keras (exported model)' is the accuracy of the exact model that was "

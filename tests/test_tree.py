@@ -115,3 +115,30 @@ def test_gradual_prune_schedule_and_code_version(trained, digits):
     assert schedule.end_step == (2 * steps) // 3 and 1 <= schedule.frequency <= schedule.end_step
     version = tree.fingerprint()["collabopt"]
     assert version.startswith(co.__version__ + "+") and len(version.split("+")[1]) == 12
+
+
+def test_qat_compile_used_for_qat_nodes_only(trained, digits):
+    """QAT nodes get their own (gentler) compile; the fingerprint tells the settings apart."""
+    seen = []
+
+    def compile_with(lr):
+        def fn(model):
+            from collabopt.quantization import WeightFakeQuant
+
+            qat = any(isinstance(t, WeightFakeQuant)
+                      for layer in model.layers for t in getattr(layer, "transforms", []))
+            seen.append(("QAT" if qat else "float", lr))
+            model.compile(keras.optimizers.Adam(lr), _loss())
+        return fn
+
+    tree = _tree(trained, digits, compile=compile_with(3e-4), qat_compile=compile_with(1e-5))
+    from collabopt.tree import Node
+
+    parent = tree.model
+    tree._train(Node("qat", "base", "qat"), parent, print)
+    tree._train(Node("cluster", "base", "cluster"), parent, print)
+    assert seen == [("QAT", 1e-5), ("float", 3e-4)]
+    other = _tree(trained, digits, compile=compile_with(3e-4), qat_compile=compile_with(1e-4))
+    assert tree.fingerprint()["qat_compile"] != other.fingerprint()["qat_compile"]
+    assert tree.fingerprint() == _tree(trained, digits, compile=compile_with(3e-4),
+                                       qat_compile=compile_with(1e-5)).fingerprint()
