@@ -1,6 +1,7 @@
 """Every leaf of the deployment tree, ours and tfmot's, from the same trained base weights,
-the same data, optimizer (Adam 3e-4), epochs, batch size and converter settings; both sets of
-files evaluated here by the same code (LiteRT interpreter, flatbuffer statistics, Vela).
+the same data, optimizer (Adam; rates per workload), epochs, batch size and converter
+settings; both sets of files evaluated here by the same code (LiteRT interpreter, flatbuffer
+statistics, Vela).
 
     python benchmarks/bench_vs_tfmot.py [mnist|kws|cifar] [--quick]
 
@@ -68,7 +69,7 @@ def main():
         n = 6000 if args.quick else 20000
         x, y = x[:n], y[:n]
         arch, build, base_epochs, classes = "mnist_cnn", models.mnist_cnn, 3, 10
-        sparsity, clusters = 0.5, 16
+        sparsity, clusters, lr, qat_lr = 0.5, 16, 3e-4, 3e-4
     elif args.workload == "cifar":
         # MobileNet v1 alpha 0.25 on 32x32 images: what trains in minutes on 2 cores
         (x, y), (xt, yt) = datasets.cifar10()
@@ -78,12 +79,13 @@ def main():
             xt, yt = xt[::5], yt[::5]
         arch, base_epochs, classes = "mobilenet_v1", 4 if args.quick else 15, 10
         build = lambda: models.mobilenet_v1(0.25, (32, 32, 3), classes=10)  # noqa: E731
-        sparsity, clusters = 0.5, 16
+        sparsity, clusters, lr, qat_lr = 0.5, 16, 3e-4, 3e-4
     else:
         (x, y), (xt, yt) = datasets.speech_digits(holdout_speaker="theo")
-        arch, base_epochs, classes = "ds_cnn_l", 30, 10
+        arch, base_epochs, classes = "ds_cnn_l", 20, 10
         build = lambda: models.ds_cnn("L", classes=10)  # noqa: E731
-        sparsity, clusters = 0.75, 4
+        # converged base (training loss ~0): gentler rates, as in bench_tree.py kws
+        sparsity, clusters, lr, qat_lr = 0.75, 4, 1e-4, 1e-5
     epochs = 1 if args.quick else 2
     keras.utils.set_random_seed(0)
     base = build()
@@ -95,9 +97,14 @@ def main():
              n_weights=len(weights), **{f"w{i}": w for i, w in enumerate(weights)})
 
     start = time.perf_counter()
-    tree = co.DeploymentTree(base, (x, y), (xt, yt), compile=lambda m: m.compile(
-        keras.optimizers.Adam(3e-4),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+    def compile_with(rate):
+        def fn(model):
+            model.compile(keras.optimizers.Adam(rate),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return fn
+
+    tree = co.DeploymentTree(base, (x, y), (xt, yt), compile=compile_with(lr),
+                             qat_compile=compile_with(qat_lr),
         fit={"epochs": epochs, "batch_size": 64, "verbose": 0}, sparsity=sparsity,
         clusters=clusters, per_channel=True, latency_runs=5)
     ours = {r["path"]: r for r in tree.explore(work / "ours", paths=LEAVES, force=True).rows}
@@ -106,7 +113,8 @@ def main():
     python = ensure_tfmot_env()
     start = time.perf_counter()
     run = subprocess.run([str(python), str(ROOT / "benchmarks" / "tfmot_tree.py"), str(work),
-                          arch, str(epochs), str(sparsity), str(clusters)],
+                          arch, str(epochs), str(sparsity), str(clusters), str(lr),
+                          str(qat_lr)],
                          capture_output=True, text=True)
     tfmot_seconds = time.perf_counter() - start
     print(run.stdout[-3000:], run.stderr[-3000:] if run.returncode else "")
@@ -146,7 +154,8 @@ def main():
                            rows)
                   + f"\n\nSame base weights (trained {base_epochs} epochs with Keras 3, loaded "
                   f"into the tf_keras twin), {sparsity:.0%} sparsity, {clusters} clusters, "
-                  f"{epochs} fine-tuning epoch(s) per node, Adam 3e-4, batch 64; pruning ramps "
+                  f"{epochs} fine-tuning epoch(s) per node, Adam {lr:g} (QAT nodes {qat_lr:g}), "
+                  "batch 64; pruning ramps "
                   "0 → target over the first 2/3 of the fine-tune (PolynomialDecay) in both; "
                   "PTQ calibrates "
                   "on 300 training samples in both. tfmot: prune_low_magnitude, cluster_weights "

@@ -4,7 +4,7 @@ bench_vs_tfmot.py wrote, fine-tunes every node with the same optimizer, epochs a
 and exports each leaf with the same converter settings. Evaluation happens in the main
 environment, identically for both systems. Not meant to be run by hand.
 
-    tfmot_env/bin/python tfmot_tree.py WORKDIR ARCH EPOCHS SPARSITY CLUSTERS
+    tfmot_env/bin/python tfmot_tree.py WORKDIR ARCH EPOCHS SPARSITY CLUSTERS LR QAT_LR
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def mobilenet_v1(shape, classes, alpha=0.25):
 def main():
     work, arch, epochs, sparsity, clusters = (Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
                                               float(sys.argv[4]), int(sys.argv[5]))
+    lr, qat_lr = float(sys.argv[6]), float(sys.argv[7])
     data = np.load(work / "data.npz")
     x, y = data["x_train"], data["y_train"]
     shape, classes = x.shape[1:], int(data["classes"])
@@ -88,9 +89,9 @@ def main():
         model.set_weights(base_weights)
         return model
 
-    def fit(model):
+    def fit(model, rate=None):
         keras.utils.set_random_seed(0)
-        model.compile(keras.optimizers.Adam(3e-4),
+        model.compile(keras.optimizers.Adam(rate or lr),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         callbacks = [sparsity_api.UpdatePruningStep()] if any(
             "prune_low_magnitude" in layer.name for layer in model.layers) else []
@@ -121,7 +122,7 @@ def main():
         annotated = quant_api.quantize_annotate_model(model)
         q = quant_api.quantize_apply(annotated, scheme) if scheme else quant_api.quantize_apply(
             annotated)
-        return fit(q)
+        return fit(q, qat_lr)
 
     def fresh(model):
         """A clone with the same weights: tfmot wrappers take over the layers they wrap."""
