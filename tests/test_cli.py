@@ -28,6 +28,7 @@ path = "model.keras"
 npz = "data.npz"
 [train]
 learning_rate = 0.0003
+qat_learning_rate = 0.00001
 from_logits = true
 epochs = 1
 [tree]
@@ -41,6 +42,9 @@ max_accuracy_drop = 0.1
     out = capsys.readouterr().out
     assert "prune → PTQ" in out and "recommended leaf" in out
     assert (project / "out" / "report.html").exists()
+    # the same command again resumes (the fingerprint holds no object addresses)
+    assert main(["run", str(cfg)]) == 0
+    assert "prune → PTQ: done earlier" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("body,message", [

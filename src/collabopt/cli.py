@@ -74,7 +74,8 @@ def demo(out: Path, quick: bool, force: bool) -> int:
 _KEYS = {
     "model": {"path"},
     "data": {"npz", "loader"},
-    "train": {"optimizer", "learning_rate", "loss", "from_logits", "epochs", "batch_size"},
+    "train": {"optimizer", "learning_rate", "qat_learning_rate", "loss", "from_logits",
+              "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met"},
     "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
 }
@@ -177,10 +178,13 @@ def run(config_path: Path, force: bool) -> int:
     if loss == "sparse_categorical_crossentropy":
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=t.get("from_logits",
                                                                            False))
+    qat_optimizer = optimizer.__class__.from_config(optimizer.get_config())
+    qat_optimizer.learning_rate = t.get("qat_learning_rate", t.get("learning_rate", 1e-4))
     tree_cfg = config["tree"]
     tree = co.DeploymentTree(
         model, train, val, compile={"optimizer": optimizer, "loss": loss,
                                     "metrics": ["accuracy"]},
+        qat_compile={"optimizer": qat_optimizer, "loss": loss, "metrics": ["accuracy"]},
         fit={"epochs": t.get("epochs", 1), "batch_size": t.get("batch_size", 32), "verbose": 2},
         sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
         per_channel=tree_cfg.get("per_channel", False),

@@ -442,8 +442,13 @@ class DeploymentTree:
 
 def _describe(compile_spec) -> str:
     """A stable text for the fingerprint; a function is known by its name and its closure."""
+    def plain(obj):  # Keras objects by their config without the auto-numbered name
+        if hasattr(obj, "get_config"):
+            return {k: v for k, v in obj.get_config().items() if k != "name"}
+        return type(obj).__name__  # never a repr with a memory address
+
     if isinstance(compile_spec, dict):
-        return json.dumps(compile_spec, sort_keys=True, default=str)
+        return json.dumps(compile_spec, sort_keys=True, default=plain)
     cells = [c.cell_contents for c in getattr(compile_spec, "__closure__", None) or ()]
     plain = [v if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
              for v in cells]  # no reprs with memory addresses: a rerun must match
