@@ -131,3 +131,31 @@ def test_verify_float_where_int8_expected(exported, trained):
         co.verify(files["float"], trained)
     checks = co.verify(files["float"], trained, expect_int8=False)
     assert all(c.found for c in checks)
+
+
+def test_verify_pairs_kernels_through_batchnorm_folding(tmp_path):
+    """Same-size depthwise kernels, each followed by a batch norm the converter folds in: the
+    file's kernels are scaled per channel, yet each must be checked against its own layer."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    inp = keras.Input((8, 8, 16))
+    x = inp
+    for i in range(3):
+        x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"dw{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU()(x)
+    model = keras.Model(inp, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x)))
+    for layer in model.layers:  # bn0 scales by ~100: a plain distance pairs dw0 wrongly
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gain = 100.0 if layer.name == "bn0" else 1.0
+            layer.set_weights([gain * rng.uniform(0.5, 2, 16), rng.normal(size=16),
+                               rng.normal(size=16), rng.uniform(0.5, 2, 16)])
+        if isinstance(layer, keras.layers.DepthwiseConv2D):  # 75 % zeros, distinct patterns
+            w = rng.normal(size=layer.kernel.shape)
+            layer.set_weights([w * (rng.random(w.shape) > 0.75)])
+    data = rng.normal(size=(64, 8, 8, 16)).astype("float32")
+    path = co.export_tflite(model, tmp_path / "bn.tflite", representative_data=data)
+    checks = co.verify(path, model)
+    assert [c.layer for c in checks if c.layer.startswith("dw")] == ["dw0", "dw1", "dw2"]
+    assert all(c.found and c.zeros_lost == 0 for c in checks)

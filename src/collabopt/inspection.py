@@ -145,8 +145,16 @@ def _entropy(values: np.ndarray) -> float:
 
 
 def _layer_name(tensor_name: str) -> str:
-    """Best-effort Keras layer name from a converter tensor name."""
-    first = tensor_name.split(";")[0]
+    """Best-effort Keras layer name from a converter tensor name.
+
+    A fused name ("m/dw_bn/batchnorm/mul_1;m/dw/depthwise;...") names the layer whose
+    kernel op (depthwise, convolution, MatMul...) appears in it, not the batch norm first.
+    """
+    pieces = tensor_name.split(";")
+    kernel_ops = ("depthwise", "convolution", "Conv2D", "MatMul", "BiasAdd", "einsum",
+                  "conv1d", "conv3d", "embedding")
+    first = next((p for p in pieces if p.rsplit("/", 1)[-1].split("_")[0] in kernel_ops),
+                 pieces[0])
     parts = [p for p in first.split("/") if p]
     name = parts[1] if len(parts) > 2 else parts[0] if parts else tensor_name
     base, _, suffix = name.rpartition("_")
@@ -285,6 +293,24 @@ def _layouts(w: np.ndarray, shape: tuple[int, ...], channel_axes: tuple[int, ...
     return out
 
 
+def _scaled_error(file_values: np.ndarray, keras_values: np.ndarray) -> float:
+    """Relative error after the best scale per output channel (first or last file axis).
+
+    The converter folds a following batch norm into the kernel, multiplying each output
+    channel by its own factor; matching must not depend on that factor, or a pruned model
+    with batch norm gets its kernels paired with another layer's of the same size.
+    """
+    best = np.inf
+    energy = float(np.sum(file_values ** 2)) or 1.0
+    for axis in {0, file_values.ndim - 1}:
+        f = np.moveaxis(file_values, axis, 0).reshape(file_values.shape[axis], -1)
+        k = np.moveaxis(keras_values, axis, 0).reshape(file_values.shape[axis], -1)
+        kk = np.sum(k * k, axis=1)
+        scale = np.divide(np.sum(f * k, axis=1), kk, out=np.zeros_like(kk), where=kk > 0)
+        best = min(best, float(np.sum((f - scale[:, None] * k) ** 2)) / energy)
+    return best
+
+
 def _dequantize(t: TensorStats) -> np.ndarray:
     v = t.values.astype(np.float64)
     if t.scales is None or t.scales.size == 0:
@@ -330,9 +356,9 @@ def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[Wei
                 if i in used or t.size != w.size:
                     continue
                 for cand in _layouts(w, t.shape, spec.channel_axes):
-                    err = float(np.mean((_dequantize(t) - cand) ** 2))
+                    err = _scaled_error(_dequantize(t), cand.astype(np.float64))
                     bonus = 0 if t.layer == layer.name else 1
-                    key = (bonus, err)
+                    key = (round(err, 3), bonus, err)  # values first, names break ties
                     if best is None or key < best[0]:
                         best = (key, i, t, cand)
             if best is not None:
