@@ -180,10 +180,10 @@ class DeploymentTree:
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
                  fit: dict | None = None, sparsity: float = 0.5, clusters: int = 16,
-                 qat_compile: Callable | dict | None = None,
                  per_channel: bool = False, targets: Targets | None = None,
                  calibration_samples: int = 300, latency_runs: int = 50,
-                 vela_accelerator: str | None = "ethos-u55-128"):
+                 vela_accelerator: str | None = "ethos-u55-128",
+                 qat_compile: Callable | dict | None = None):
         from collabopt.core.rewrite import ensure_built
 
         ensure_built(model)
@@ -450,9 +450,9 @@ def _describe(compile_spec) -> str:
     if isinstance(compile_spec, dict):
         return json.dumps(compile_spec, sort_keys=True, default=plain)
     cells = [c.cell_contents for c in getattr(compile_spec, "__closure__", None) or ()]
-    plain = [v if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
-             for v in cells]  # no reprs with memory addresses: a rerun must match
-    return f"{getattr(compile_spec, '__qualname__', 'callable')}{plain!r}"
+    values = [v if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
+              for v in cells]  # no reprs with memory addresses: a rerun must match
+    return f"{getattr(compile_spec, '__qualname__', 'callable')}{values!r}"
 
 
 def _code_version() -> str:
