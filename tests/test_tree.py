@@ -142,3 +142,15 @@ def test_qat_compile_used_for_qat_nodes_only(trained, digits):
     assert tree.fingerprint()["qat_compile"] != other.fingerprint()["qat_compile"]
     assert tree.fingerprint() == _tree(trained, digits, compile=compile_with(3e-4),
                                        qat_compile=compile_with(1e-5)).fingerprint()
+
+
+def test_prune_layers_selects_what_the_prune_node_prunes(trained, digits):
+    tree = _tree(trained, digits, prune_layers=["conv2"])
+    from collabopt.tree import Node
+
+    pruned = co.strip(tree._train(Node("prune", "base", "prune"), tree.model, print))
+    sparsity = {layer.name: float(np.mean(layer.get_weights()[0] == 0))
+                for layer in pruned.layers if layer.name in ("conv1", "conv2")}
+    assert sparsity["conv2"] >= 0.45 and sparsity["conv1"] < 0.05
+    assert tree.fingerprint()["prune_layers"] != _tree(trained, digits).fingerprint()[
+        "prune_layers"]

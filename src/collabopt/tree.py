@@ -175,7 +175,10 @@ class DeploymentTree:
     the int8 grid, and on a converged model a prune/cluster learning rate can move it further
     than the grid does (DS-CNN-L: 3e-4 lost 5 points on an unseen speaker, 1e-5 lost none).
     ``fit`` holds the keyword arguments of every fine-tuning ``model.fit`` (epochs,
-    batch_size, callbacks...).
+    batch_size, callbacks...). ``prune_layers`` selects what the prune node prunes (names,
+    classes or a predicate, as ``co.prune(layers=)``; default: every prunable layer) — e.g.
+    leave depthwise kernels dense, as tfmot does, where 9 weights per channel leave little
+    to remove.
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
@@ -183,7 +186,7 @@ class DeploymentTree:
                  per_channel: bool = False, targets: Targets | None = None,
                  calibration_samples: int = 300, latency_runs: int = 50,
                  vela_accelerator: str | None = "ethos-u55-128",
-                 qat_compile: Callable | dict | None = None):
+                 qat_compile: Callable | dict | None = None, prune_layers=None):
         from collabopt.core.rewrite import ensure_built
 
         ensure_built(model)
@@ -197,6 +200,7 @@ class DeploymentTree:
                                    "loss": "sparse_categorical_crossentropy",
                                    "metrics": ["accuracy"]}
         self.qat_compile = qat_compile or self.compile
+        self.prune_layers = prune_layers
         self.fit = dict(fit or {"epochs": 1})
         self.sparsity, self.clusters, self.per_channel = sparsity, clusters, per_channel
         self.targets = targets or Targets()
@@ -217,7 +221,8 @@ class DeploymentTree:
                 "weights": weights.hexdigest(), "sparsity": self.sparsity,
                 "clusters": self.clusters, "per_channel": self.per_channel,
                 "fit": json.dumps(fit, sort_keys=True, default=str),
-                "compile": _describe(self.compile), "qat_compile": _describe(self.qat_compile)}
+                "compile": _describe(self.compile), "qat_compile": _describe(self.qat_compile),
+                "prune_layers": _describe_selector(self.prune_layers)}
 
     def _compile(self, model, how):
         import keras
@@ -252,7 +257,8 @@ class DeploymentTree:
         from collabopt.quantization import fold_batchnorm
 
         if node.op == "prune":  # before BN folding: batch norm helps the model recover
-            model = co.prune(parent_model, self._prune_schedule(), verbose=False)
+            model = co.prune(parent_model, self._prune_schedule(), layers=self.prune_layers,
+                             verbose=False)
         elif node.op in ("cluster", "cluster_pc"):
             # BN folded first, so the converter cannot rescale the shared values per channel
             model = co.cluster(fold_batchnorm(parent_model), self.clusters,
@@ -453,6 +459,15 @@ def _describe(compile_spec) -> str:
     values = [v if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
               for v in cells]  # no reprs with memory addresses: a rerun must match
     return f"{getattr(compile_spec, '__qualname__', 'callable')}{values!r}"
+
+
+def _describe_selector(selector) -> str:
+    if selector is None:
+        return "all"
+    if callable(selector) and not isinstance(selector, type):
+        return _describe(selector)
+    items = selector if isinstance(selector, (list, tuple, set)) else [selector]
+    return json.dumps(sorted(getattr(i, "__name__", str(i)) for i in items))
 
 
 def _code_version() -> str:
