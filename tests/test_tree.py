@@ -154,3 +154,15 @@ def test_prune_layers_selects_what_the_prune_node_prunes(trained, digits):
     assert sparsity["conv2"] >= 0.45 and sparsity["conv1"] < 0.05
     assert tree.fingerprint()["prune_layers"] != _tree(trained, digits).fingerprint()[
         "prune_layers"]
+
+
+def test_steps_per_epoch_of_every_data_kind():
+    import tensorflow as tf
+
+    from collabopt.tree import _steps_per_epoch
+
+    x, y = np.zeros((100, 4), "float32"), np.zeros(100, "int64")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    assert _steps_per_epoch((x, y), 32) == 4 and _steps_per_epoch(ds, 0) == 4
+    unknown = ds.filter(lambda a, b: True)  # cardinality unknown: counted by iterating
+    assert _steps_per_epoch(unknown, 0) == 4

@@ -486,10 +486,9 @@ def _steps_per_epoch(data, batch_size: int) -> int:
     """Training steps in one epoch of ``fit`` for numpy tuples, tf.data or a PyDataset."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return max(1, -(-len(data[0]) // int(batch_size)))
-    if hasattr(data, "cardinality"):
+    if hasattr(data, "cardinality"):  # tf.data: len() raises when the count is unknown
         n = int(data.cardinality())
-        if n > 0:
-            return n
+        return n if n > 0 else max(1, sum(1 for _ in data))
     if hasattr(data, "__len__"):
         return max(1, len(data))
     return max(1, sum(1 for _ in data))
