@@ -79,6 +79,20 @@ def test_evaluate_tflite(exported, trained, digits):
         co.evaluate_tflite(files["dense"], xt[:, :4], yt)
 
 
+def test_predict_tflite_dequantizes_outputs(exported, trained, digits):
+    """The file's outputs come back in the Keras model's units, batch by batch or not."""
+    files, _ = exported
+    _, (xt, _) = digits
+    keras_out = trained.predict(xt, verbose=0)
+    file_out = co.predict_tflite(files["dense"], xt, batch_size=7)
+    assert file_out.shape == keras_out.shape and file_out.dtype == np.float32
+    spread = keras_out.max() - keras_out.min()
+    assert np.median(np.abs(file_out - keras_out)) < 0.05 * spread
+    assert np.mean(file_out.argmax(1) == keras_out.argmax(1)) > 0.95
+    np.testing.assert_array_equal(co.predict_tflite(files["dense"], xt[:5], batch_size=1),
+                                  file_out[:5])
+
+
 def test_malformed_files(tmp_path, exported):
     files, _ = exported
     data = files["dense"].read_bytes()

@@ -32,6 +32,9 @@ def test_explore_all_leaves(tmp_path, trained, digits):
         assert r["verified"] == "yes", r
         assert r["int8_accuracy"] > 0.8 and r["zip_bytes"] < result.baseline["zip_bytes"]
         assert co.inspect(r["file"]).fully_integer
+        # fidelity: agreement bounds the accuracy difference (|Δacc| <= 1 - agreement)
+        assert 0.9 <= r["agreement"] <= 1.0
+        assert abs(r["int8_accuracy"] - r["keras_accuracy"]) <= 1 - r["agreement"] + 1e-9
     by = {r["path"]: r for r in rows}
     assert by["PCQAT"]["sparsity"] >= 0.45 and by["PCQAT"]["unique_max"] <= 8
     assert by["CQAT(pc)"]["unique_per_channel_max"] <= 8

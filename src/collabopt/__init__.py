@@ -22,6 +22,7 @@ _API = {
     "inspect": "inspection",
     "verify": "inspection",
     "evaluate_tflite": "inspection",
+    "predict_tflite": "inspection",
     "VerificationError": "inspection",
     "vela_report": "vela",
     "plot_weight_density": "plots",

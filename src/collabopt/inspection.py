@@ -382,21 +382,37 @@ def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[Wei
 
 
 # --- evaluate ------------------------------------------------------------------------------
-def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
-                    batch_size: int = 64, num_threads: int | None = None,
-                    verbose: bool | None = None) -> float:
-    """Top-1 accuracy of the ``.tflite`` model on ``(x, y)`` with the LiteRT interpreter.
+def predict_tflite(path: str | os.PathLike, x: np.ndarray, batch_size: int = 64,
+                   num_threads: int | None = None, verbose: bool | None = None) -> np.ndarray:
+    """The ``.tflite`` model's outputs on ``x`` (LiteRT interpreter), dequantized to float.
 
     Inputs are quantized with the file's own input scale (int8 models take float data);
     batches run when the file allows resizing its batch dimension, else one sample at a time.
+    Compare with the Keras model's ``predict`` to see what conversion changed.
     """
+    return np.concatenate(list(_tflite_batches(path, x, batch_size, num_threads, verbose)))
+
+
+def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
+                    batch_size: int = 64, num_threads: int | None = None,
+                    verbose: bool | None = None) -> float:
+    """Top-1 accuracy of the ``.tflite`` model on ``(x, y)`` (see :func:`predict_tflite`)."""
+    y = np.asarray(y).reshape(-1)
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+    correct, start = 0, 0
+    for out in _tflite_batches(path, x, batch_size, num_threads, verbose):
+        n = len(out)
+        correct += int(np.sum(np.argmax(out.reshape(n, -1), axis=1) == y[start:start + n]))
+        start += n
+    return correct / len(y)
+
+
+def _tflite_batches(path, x, batch_size, num_threads, verbose):
     from ai_edge_litert.interpreter import Interpreter
 
     _load(path)  # clear error for a missing or damaged file
     x = np.asarray(x)
-    y = np.asarray(y).reshape(-1)
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
     interpreter = Interpreter(model_path=str(path), num_threads=num_threads or os.cpu_count())
     inp = interpreter.get_input_details()[0]
     if tuple(inp["shape"][1:]) != tuple(x.shape[1:]):
@@ -405,13 +421,13 @@ def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
     batch = _try_batch(interpreter, batch_size)
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
+    scale, zero = out["quantization"]
     verbose = len(x) >= 5000 if verbose is None else verbose
     progress = None
     if verbose:
         from keras.utils import Progbar
 
         progress = Progbar(len(x), unit_name="sample")
-    correct = 0
     for start in range(0, len(x), batch):
         chunk = x[start:start + batch]
         n = len(chunk)
@@ -419,11 +435,12 @@ def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
         interpreter.set_tensor(inp["index"], _quantize_input(chunk, inp))
         interpreter.invoke()
-        logits = interpreter.get_tensor(out["index"])[:n]
-        correct += int(np.sum(np.argmax(logits.reshape(n, -1), axis=1) == y[start:start + n]))
+        values = interpreter.get_tensor(out["index"])[:n]
+        if out["dtype"] in (np.int8, np.uint8, np.int16) and scale:
+            values = (values.astype(np.float32) - zero) * np.float32(scale)
         if progress is not None:
             progress.update(min(start + batch, len(x)))
-    return correct / len(x)
+        yield values
 
 
 def _quantize_input(x: np.ndarray, detail) -> np.ndarray:

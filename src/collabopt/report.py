@@ -13,6 +13,7 @@ COLUMNS = [
     ("path", "Path", "{}"),
     ("fp32_accuracy", "FP32 acc.", "{:.2%}"),
     ("int8_accuracy", "INT8 acc.", "{:.2%}"),
+    ("agreement", "Same class as Keras", "{:.2%}"),
     ("size_bytes", "Size (B)", "{:,}"),
     ("zip_bytes", "Zipped (B)", "{:,}"),
     ("zip_reduction", "Zip reduction", "{:.1%}"),
