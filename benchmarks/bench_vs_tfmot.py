@@ -29,7 +29,8 @@ import collabopt as co
 from collabopt import datasets, models, vela
 
 LEAVES = ["PTQ", "QAT", "prune → PTQ", "cluster → PTQ", "cluster(pc) → PTQ", "PQAT",
-          "prune → cluster → PTQ", "CQAT", "PCQAT"]
+          "prune → cluster → PTQ", "CQAT", "PCQAT", "CQAT(pc)", "prune → cluster(pc) → PTQ",
+          "PCQAT(pc)"]
 
 
 def _slug(name):

@@ -136,22 +136,40 @@ def main():
     end = max(1, 2 * (-(-len(x) // 64) * epochs) // 3)
     schedule = sparsity_api.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=end,
                                             frequency=max(1, end // 16))
-    pruned = sparsity_api.strip_pruning(fit(sparsity_api.prune_low_magnitude(base(), schedule)))
-    clustered = cluster(base())
-    pruned_clustered = cluster(fresh(pruned), preserve=True)
+    trained = {}
+
+    def once(make):
+        """A parent trained on first use (inside a leaf's try: a failure stays that leaf's)."""
+        def get():
+            if make not in trained:
+                trained[make] = make()
+            return trained[make]
+        return get
+
+    pruned = once(lambda: sparsity_api.strip_pruning(
+        fit(sparsity_api.prune_low_magnitude(base(), schedule))))
+    clustered = once(lambda: cluster(base()))
+    clustered_pc = once(lambda: cluster(base(), per_channel=True))
+    pruned_clustered = once(lambda: cluster(fresh(pruned()), preserve=True))
+    pruned_clustered_pc = once(lambda: cluster(fresh(pruned()), per_channel=True, preserve=True))
     leaves = {
         "PTQ": lambda: (base(), False),
         "QAT": lambda: (qat(base()), True),
-        "prune → PTQ": lambda: (fresh(pruned), False),
-        "cluster → PTQ": lambda: (fresh(clustered), False),
-        "cluster(pc) → PTQ": lambda: (cluster(base(), per_channel=True), False),
-        "PQAT": lambda: (qat(fresh(pruned), combine.Default8BitPrunePreserveQuantizeScheme()),
+        "prune → PTQ": lambda: (fresh(pruned()), False),
+        "cluster → PTQ": lambda: (fresh(clustered()), False),
+        "cluster(pc) → PTQ": lambda: (fresh(clustered_pc()), False),
+        "PQAT": lambda: (qat(fresh(pruned()), combine.Default8BitPrunePreserveQuantizeScheme()),
                          True),
-        "prune → cluster → PTQ": lambda: (fresh(pruned_clustered), False),
-        "CQAT": lambda: (qat(fresh(clustered),
+        "prune → cluster → PTQ": lambda: (fresh(pruned_clustered()), False),
+        "CQAT": lambda: (qat(fresh(clustered()),
                              combine.Default8BitClusterPreserveQuantizeScheme(False)), True),
-        "PCQAT": lambda: (qat(fresh(pruned_clustered),
+        "PCQAT": lambda: (qat(fresh(pruned_clustered()),
                               combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
+        "CQAT(pc)": lambda: (qat(fresh(clustered_pc()),
+                                 combine.Default8BitClusterPreserveQuantizeScheme(False)), True),
+        "prune → cluster(pc) → PTQ": lambda: (fresh(pruned_clustered_pc()), False),
+        "PCQAT(pc)": lambda: (qat(fresh(pruned_clustered_pc()),
+                                  combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
     }
     for name, make in leaves.items():
         try:
