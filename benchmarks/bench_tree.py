@@ -46,7 +46,9 @@ def run_tree(name, base, train, val, sparsity, clusters, epochs, lr, qat_lr, out
     start = time.perf_counter()
     shutil.rmtree(out / name, ignore_errors=True)  # measure this code, never reuse old nodes
     result = tree.explore(out / name)
-    return result, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    base.save(out / name / "base.keras")  # the PTQ leaf's source, for bench_fidelity.py
+    return result, seconds
 
 
 def table(result) -> str:
