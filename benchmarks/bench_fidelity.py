@@ -58,7 +58,7 @@ def main():
         rows.append([d["path"], "QAT" if "QAT" in d["path"] else "PTQ",
                      f"{d['keras_accuracy']:.2%}", f"{d['file_accuracy']:.2%}",
                      f"{delta:+.2f}", f"{d['changed']} of {len(x_all):,}",
-                     "yes" if abs(delta) <= 0.3 else "no"])
+                     "yes" if abs(delta) <= 0.3 + 1e-9 else "no"])
     save_json(f"fidelity_{args.run}", data)
     write_section(f"fidelity_{args.run}", f"Conversion fidelity on all clips: {args.run}",
                   md_table(["path", "export", "Keras (exported model)", "INT8 file",
