@@ -159,6 +159,21 @@ def test_prune_layers_selects_what_the_prune_node_prunes(trained, digits):
         "prune_layers"]
 
 
+@pytest.mark.slow
+def test_cluster_layers_selects_what_the_cluster_nodes_cluster(trained, digits):
+    tree = _tree(trained, digits, cluster_layers=["conv2"])
+    from collabopt.tree import Node
+
+    for op in ("cluster", "cluster_pc"):
+        clustered = co.strip(tree._train(Node(op, "base", op), tree.model, print))
+        unique = {layer.name: len(np.unique(layer.get_weights()[0]))
+                  for layer in clustered.layers if layer.name in ("conv1", "conv2")}
+        assert unique["conv1"] > 8 * 16, (op, unique)
+        assert unique["conv2"] <= (8 if op == "cluster" else 8 * 32), (op, unique)
+    assert tree.fingerprint()["cluster_layers"] == '["conv2"]'
+    assert _tree(trained, digits).fingerprint()["cluster_layers"] == "all"
+
+
 def test_steps_per_epoch_of_every_data_kind():
     import tensorflow as tf
 

@@ -178,7 +178,8 @@ class DeploymentTree:
     batch_size, callbacks...). ``prune_layers`` selects what the prune node prunes (names,
     classes or a predicate, as ``co.prune(layers=)``; default: every prunable layer) — e.g.
     leave depthwise kernels dense, as tfmot does, where 9 weights per channel leave little
-    to remove.
+    to remove. ``cluster_layers`` does the same for the cluster nodes (default: every
+    clusterable layer, depthwise included; tfmot 0.8.1 leaves depthwise kernels unclustered).
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
@@ -186,7 +187,8 @@ class DeploymentTree:
                  per_channel: bool = False, targets: Targets | None = None,
                  calibration_samples: int = 300, latency_runs: int = 50,
                  vela_accelerator: str | None = "ethos-u55-128",
-                 qat_compile: Callable | dict | None = None, prune_layers=None):
+                 qat_compile: Callable | dict | None = None, prune_layers=None,
+                 cluster_layers=None):
         from collabopt.core.rewrite import ensure_built
 
         ensure_built(model)
@@ -200,7 +202,7 @@ class DeploymentTree:
                                    "loss": "sparse_categorical_crossentropy",
                                    "metrics": ["accuracy"]}
         self.qat_compile = qat_compile or self.compile
-        self.prune_layers = prune_layers
+        self.prune_layers, self.cluster_layers = prune_layers, cluster_layers
         self.fit = dict(fit or {"epochs": 1})
         self.sparsity, self.clusters, self.per_channel = sparsity, clusters, per_channel
         self.targets = targets or Targets()
@@ -222,7 +224,8 @@ class DeploymentTree:
                 "clusters": self.clusters, "per_channel": self.per_channel,
                 "fit": json.dumps(fit, sort_keys=True, default=str),
                 "compile": _describe(self.compile), "qat_compile": _describe(self.qat_compile),
-                "prune_layers": _describe_selector(self.prune_layers)}
+                "prune_layers": _describe_selector(self.prune_layers),
+                "cluster_layers": _describe_selector(self.cluster_layers)}
 
     def _compile(self, model, how):
         import keras
@@ -262,7 +265,8 @@ class DeploymentTree:
         elif node.op in ("cluster", "cluster_pc"):
             # BN folded first, so the converter cannot rescale the shared values per channel
             model = co.cluster(fold_batchnorm(parent_model), self.clusters,
-                               per_channel=node.op == "cluster_pc", verbose=False)
+                               per_channel=node.op == "cluster_pc",
+                               layers=self.cluster_layers, verbose=False)
         elif node.op == "qat":
             model = co.quantize(parent_model, verbose=False)
         else:
