@@ -63,6 +63,35 @@ def test_bad_configs(project, body, message):
         load_config(_write(project / "bad.toml", body))
 
 
+def test_skip_lists_reach_the_tree_and_typos_are_refused(project, capsys):
+    body = """
+[model]
+path = "model.keras"
+[data]
+npz = "data.npz"
+[train]
+from_logits = true
+epochs = 1
+[tree]
+out_dir = "out"
+paths = ["cluster → PTQ"]
+clusters = 8
+cluster_skip = ["conv1"]
+"""
+    assert main(["run", str(_write(project / "c.toml", body))]) == 0
+    counts = {t.layer: t.unique for t in co.inspect(project / "out" / "leaves" /
+                                                   "cluster-ptq.tflite").tensors}
+    assert counts["conv1"] > 8 and counts["conv2"] <= 8, counts
+    config = json.loads((project / "out" / "config.json").read_text())
+    assert "conv1" in config["cluster_layers"] and config["prune_layers"] == "all"
+    typo = body.replace('cluster_skip = ["conv1"]', 'prune_skip = ["DepthwiseConv"]')
+    assert main(["run", str(_write(project / "d.toml", typo))]) == 2
+    err = capsys.readouterr().err
+    assert "[tree].prune_skip: ['DepthwiseConv'] match no layer" in err and "conv1" in err
+    with pytest.raises(ConfigError, match=r"\[tree\].cluster_skip must be a list"):
+        load_config(_write(project / "e.toml", body.replace('["conv1"]', '"conv1"')))
+
+
 def test_missing_data_key_and_bad_model(project, capsys):
     (project / "model.txt.keras").write_text("not a model")
     np.savez(project / "partial.npz", x_train=np.zeros((2, 8, 8, 1)))

@@ -214,3 +214,12 @@ def test_layers_selector_and_summary(trained, capsys):
     pruned = co.prune(trained, 0.5, layers=lambda layer: layer.name.startswith("conv"),
                       verbose=False)
     assert pruned.collabopt_summary.wrapped == ["conv1", "conv2"]
+
+
+def test_all_except_skips_by_name_or_class():
+    from collabopt.core.rewrite import AllExcept
+
+    model = tiny_conv_model()
+    pruned = co.prune(model, 0.5, layers=AllExcept(("DepthwiseConv2D", "dense")), verbose=False)
+    assert pruned.collabopt_summary.wrapped == ["conv", "pw"]
+    assert AllExcept(("DepthwiseConv2D", "dens", "Conv")).unknown(model) == ["dens", "Conv"]

@@ -76,7 +76,8 @@ _KEYS = {
     "data": {"npz", "loader"},
     "train": {"optimizer", "learning_rate", "qat_learning_rate", "loss", "from_logits",
               "epochs", "batch_size"},
-    "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met"},
+    "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
+             "prune_skip", "cluster_skip"},
     "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
 }
 
@@ -127,6 +128,11 @@ def load_config(path: Path) -> dict:
     for key, kind in (("sparsity", float), ("clusters", int)):
         if key in tree and not isinstance(tree[key], (int, float) if kind is float else int):
             raise ConfigError(f"{path}: [tree].{key} must be a number, got {tree[key]!r}")
+    for key in ("prune_skip", "cluster_skip"):
+        if key in tree and (not isinstance(tree[key], list)
+                            or not all(isinstance(v, str) for v in tree[key])):
+            raise ConfigError(f"{path}: [tree].{key} must be a list of layer names or layer "
+                              f"class names such as [\"DepthwiseConv2D\"], got {tree[key]!r}")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
 
@@ -163,6 +169,7 @@ def run(config_path: Path, force: bool) -> int:
     import keras
 
     import collabopt as co
+    from collabopt.core.rewrite import AllExcept
 
     config = load_config(config_path)
     train, val = _load_data(config, config_path)
@@ -181,6 +188,15 @@ def run(config_path: Path, force: bool) -> int:
     qat_optimizer = optimizer.__class__.from_config(optimizer.get_config())
     qat_optimizer.learning_rate = t.get("qat_learning_rate", t.get("learning_rate", 1e-4))
     tree_cfg = config["tree"]
+    selectors = {}
+    for key in ("prune_skip", "cluster_skip"):
+        if key in tree_cfg:
+            selector = AllExcept(tuple(tree_cfg[key]))
+            if unknown := selector.unknown(model):
+                raise ConfigError(
+                    f"{config_path}: [tree].{key}: {unknown} match no layer of the model (by "
+                    f"name or class); its layers: {[layer.name for layer in model.layers]}")
+            selectors[key.replace("_skip", "_layers")] = selector
     tree = co.DeploymentTree(
         model, train, val, compile={"optimizer": optimizer, "loss": loss,
                                     "metrics": ["accuracy"]},
@@ -188,7 +204,7 @@ def run(config_path: Path, force: bool) -> int:
         fit={"epochs": t.get("epochs", 1), "batch_size": t.get("batch_size", 32), "verbose": 2},
         sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
         per_channel=tree_cfg.get("per_channel", False),
-        targets=co.Targets(**config.get("targets", {})))
+        targets=co.Targets(**config.get("targets", {})), **selectors)
     result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
                           stop_when_met=tree_cfg.get("stop_when_met", False), force=force)
     print()

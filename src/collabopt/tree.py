@@ -22,6 +22,7 @@ QAT folds batch norm itself.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -474,6 +475,8 @@ def _describe(compile_spec) -> str:
 def _describe_selector(selector) -> str:
     if selector is None:
         return "all"
+    if dataclasses.is_dataclass(selector):  # AllExcept: its repr says everything
+        return repr(selector)
     if callable(selector) and not isinstance(selector, type):
         return _describe(selector)
     items = selector if isinstance(selector, (list, tuple, set)) else [selector]

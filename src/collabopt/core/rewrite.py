@@ -155,6 +155,26 @@ def _matcher(layers: LayerSelector):
     return (lambda layer: layer.name in names or (classes and isinstance(layer, classes))), names
 
 
+@dataclass(frozen=True)
+class AllExcept:
+    """Selects every layer but those named, by layer name or class name ("DepthwiseConv2D"):
+    what a config file can say. Its repr is stable, so a run's fingerprint can hold it."""
+
+    skip: tuple[str, ...]
+
+    def __call__(self, layer: keras.layers.Layer) -> bool:
+        kinds = {cls.__name__ for cls in type(layer).__mro__}
+        return layer.name not in self.skip and not kinds.intersection(self.skip)
+
+    def unknown(self, model: keras.Model) -> list[str]:
+        """Entries that match no layer of ``model`` (most likely typos)."""
+        known = set()
+        for layer in model._flatten_layers(include_self=False):
+            known.add(layer.name)
+            known.update(cls.__name__ for cls in type(layer).__mro__)
+        return [s for s in self.skip if s not in known]
+
+
 @dataclass
 class Summary:
     """What an entry point wrapped and what it skipped, and why."""
