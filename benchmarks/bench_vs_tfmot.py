@@ -40,7 +40,8 @@ def _slug(name):
 def measure(path, x, y) -> dict:
     report = co.inspect(path)
     row = {"int8_accuracy": co.evaluate_tflite(path, x, y, verbose=False),
-           "zip_bytes": report.zip_bytes, "sparsity": report.sparsity,
+           "size_bytes": report.size_bytes, "zip_bytes": report.zip_bytes,
+           "entropy_bound_bytes": report.entropy_bound_bytes, "sparsity": report.sparsity,
            "unique_max": max(t.unique for t in report.tensors),
            "unique_per_channel_max": max(t.unique_per_channel_max for t in report.tensors),
            # tfmot clusters per channel only Conv2D kernels: this is where it must show
@@ -95,6 +96,8 @@ def main():
         if args.sparsity is None or args.clusters is None:
             parser.error("--sparsity and --clusters go together")
         name += f"_{round(args.sparsity * 100)}_{args.clusters}"
+    if args.quick:  # never overwrites a full run's table
+        name += "_quick"
     work = ROOT / "benchmarks" / "results" / "runs" / name
     work.mkdir(parents=True, exist_ok=True)
     if args.workload == "mnist":
@@ -186,9 +189,12 @@ def main():
                          else "–")
         delta = f"{(o['int8_accuracy'] - t['int8_accuracy']) * 100:+.2f}" if t else "–"
         data[leaf]["targets"] = verdict = targets_met(leaf, o, t, clusters)
-        rows.append([leaf, both("int8_accuracy", "{:.2%}"), delta, both("zip_bytes", "{:,}"),
-                     ratio("zip_bytes"), both("vela_encoded_bytes", "{:,}"),
-                     ratio("vela_encoded_bytes"), both("sparsity", "{:.0%}"),
+        rows.append([leaf, f"{o['fp32_accuracy']:.2%}", both("int8_accuracy", "{:.2%}"), delta,
+                     both("size_bytes", "{:,}"), both("zip_bytes", "{:,}"),
+                     f"{1 - o['zip_bytes'] / o['size_bytes']:.0%}", ratio("zip_bytes"),
+                     both("entropy_bound_bytes", "{:,}"), both("vela_encoded_bytes", "{:,}"),
+                     ratio("vela_encoded_bytes"), both("vela_cycles", "{:,}"),
+                     both("sparsity", "{:.0%}"),
                      both("unique_max", "{}"), both("unique_per_channel_max", "{}"),
                      ", ".join(f"{k} {_verdict(v)}" for k, v in verdict.items())
                      or "–"])
@@ -199,8 +205,11 @@ def main():
                      "images, full test set"}[args.workload]
     write_section(name, f"Side by side with tfmot: {what}, {sparsity:.0%} sparsity, "
                         f"{clusters} clusters",
-                  md_table(["leaf", "INT8 acc. ours / tfmot", "Δ pts", "zipped B ours / tfmot",
-                            "zip ratio", "Vela weights B ours / tfmot", "Vela ratio",
+                  md_table(["leaf", "FP32 acc. (ours, before int8)", "INT8 acc. ours / tfmot",
+                            "Δ pts", "raw B ours / tfmot", "zipped B ours / tfmot",
+                            "zip reduction (ours)", "zip ratio",
+                            "entropy bound B ours / tfmot", "Vela weights B ours / tfmot",
+                            "Vela ratio", "Vela cycles ours / tfmot",
                             "sparsity", "unique / tensor", "unique / channel",
                             "targets (acc ≥ tfmot−0.3, zip ≤ tfmot, Vela ≤ 0.75x clustered)"],
                            rows)
