@@ -84,6 +84,69 @@ def _verdict(met: bool | None) -> str:
         "met" if met else "NOT met")
 
 
+def workload(name: str, quick: bool = False, sparsity: float | None = None,
+             clusters: int | None = None) -> dict:
+    """Data, architecture and fine-tuning settings of one workload: one place, for this
+    script and for the ablations that reuse its runs."""
+    if name == "mnist":
+        (x, y), (xt, yt) = datasets.mnist()
+        n = 6000 if quick else 20000
+        x, y = x[:n], y[:n]
+        arch, build, base_epochs = "mnist_cnn", models.mnist_cnn, 3
+        setting, lr, qat_lr = (0.5, 16), 3e-4, 3e-4
+    elif name == "cifar":
+        # MobileNet v1 alpha 0.25 on 32x32 images: what trains in minutes on 2 cores
+        (x, y), (xt, yt) = datasets.cifar10()
+        order = np.random.default_rng(0).permutation(len(x))[:5000 if quick else 20000]
+        x, y = x[order], y[order]
+        if quick:
+            xt, yt = xt[::5], yt[::5]
+        arch, base_epochs = "mobilenet_v1", 4 if quick else 15
+        build = lambda: models.mobilenet_v1(0.25, (32, 32, 3), classes=10)  # noqa: E731
+        setting, lr, qat_lr = (0.5, 16), 3e-4, 3e-4
+    else:
+        (x, y), (xt, yt) = datasets.speech_digits(holdout_speaker="theo")
+        arch, base_epochs = "ds_cnn_l", 20
+        build = lambda: models.ds_cnn("L", classes=10)  # noqa: E731
+        # converged base (training loss ~0): gentler rates, as in bench_tree.py kws
+        setting, lr, qat_lr = (0.75, 4), 1e-4, 1e-5
+    if sparsity is not None:
+        setting = (sparsity, clusters)
+    return {"x": x, "y": y, "xt": xt, "yt": yt, "arch": arch, "build": build,
+            "base_epochs": base_epochs, "classes": 10, "sparsity": setting[0],
+            "clusters": setting[1], "lr": lr, "qat_lr": qat_lr, "epochs": 1 if quick else 2}
+
+
+def our_tree(base, w: dict, batchnorm: str = "fold") -> co.DeploymentTree:
+    """The workload's deployment tree, configured as its tfmot twin is."""
+    def compile_with(rate):
+        def fn(model):
+            model.compile(keras.optimizers.Adam(rate),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return fn
+
+    def not_depthwise(layer):
+        return not isinstance(layer, keras.layers.DepthwiseConv2D)
+
+    return co.DeploymentTree(
+        base, (w["x"], w["y"]), (w["xt"], w["yt"]), compile=compile_with(w["lr"]),
+        qat_compile=compile_with(w["qat_lr"]),
+        # tfmot 0.8.1 leaves depthwise kernels dense (0-1 % zeros in its files, measured):
+        # prune the same layers so sparsity is comparable; and it clusters none either ("big
+        # unrecoverable accuracy loss", its registry says): cluster the same layers
+        prune_layers=not_depthwise, cluster_layers=not_depthwise,
+        fit={"epochs": w["epochs"], "batch_size": 64, "verbose": 0}, sparsity=w["sparsity"],
+        clusters=w["clusters"], per_channel=True, latency_runs=5, batchnorm=batchnorm)
+
+
+def run_name(workload_name: str, sparsity: float | None, clusters: int | None,
+             quick: bool) -> str:
+    name = f"vs_tfmot_{workload_name}"
+    if sparsity is not None:
+        name += f"_{round(sparsity * 100)}_{clusters}"
+    return name + ("_quick" if quick else "")  # a quick run never overwrites a full one
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", nargs="?", default="mnist", choices=["mnist", "kws", "cifar"])
@@ -91,42 +154,17 @@ def main():
     parser.add_argument("--sparsity", type=float, help="instead of the workload's setting")
     parser.add_argument("--clusters", type=int, help="instead of the workload's setting")
     args = parser.parse_args()
-    name = f"vs_tfmot_{args.workload}"
-    if args.sparsity is not None or args.clusters is not None:
-        if args.sparsity is None or args.clusters is None:
-            parser.error("--sparsity and --clusters go together")
-        name += f"_{round(args.sparsity * 100)}_{args.clusters}"
-    if args.quick:  # never overwrites a full run's table
-        name += "_quick"
+    if (args.sparsity is None) != (args.clusters is None):
+        parser.error("--sparsity and --clusters go together")
+    name = run_name(args.workload, args.sparsity, args.clusters, args.quick)
     work = ROOT / "benchmarks" / "results" / "runs" / name
     work.mkdir(parents=True, exist_ok=True)
-    if args.workload == "mnist":
-        (x, y), (xt, yt) = datasets.mnist()
-        n = 6000 if args.quick else 20000
-        x, y = x[:n], y[:n]
-        arch, build, base_epochs, classes = "mnist_cnn", models.mnist_cnn, 3, 10
-        sparsity, clusters, lr, qat_lr = 0.5, 16, 3e-4, 3e-4
-    elif args.workload == "cifar":
-        # MobileNet v1 alpha 0.25 on 32x32 images: what trains in minutes on 2 cores
-        (x, y), (xt, yt) = datasets.cifar10()
-        order = np.random.default_rng(0).permutation(len(x))[:5000 if args.quick else 20000]
-        x, y = x[order], y[order]
-        if args.quick:
-            xt, yt = xt[::5], yt[::5]
-        arch, base_epochs, classes = "mobilenet_v1", 4 if args.quick else 15, 10
-        build = lambda: models.mobilenet_v1(0.25, (32, 32, 3), classes=10)  # noqa: E731
-        sparsity, clusters, lr, qat_lr = 0.5, 16, 3e-4, 3e-4
-    else:
-        (x, y), (xt, yt) = datasets.speech_digits(holdout_speaker="theo")
-        arch, base_epochs, classes = "ds_cnn_l", 20, 10
-        build = lambda: models.ds_cnn("L", classes=10)  # noqa: E731
-        # converged base (training loss ~0): gentler rates, as in bench_tree.py kws
-        sparsity, clusters, lr, qat_lr = 0.75, 4, 1e-4, 1e-5
-    if args.sparsity is not None:
-        sparsity, clusters = args.sparsity, args.clusters
-    epochs = 1 if args.quick else 2
+    w = workload(args.workload, args.quick, args.sparsity, args.clusters)
+    x, y, xt, yt, classes = w["x"], w["y"], w["xt"], w["yt"], w["classes"]
+    arch, base_epochs, epochs = w["arch"], w["base_epochs"], w["epochs"]
+    sparsity, clusters, lr, qat_lr = w["sparsity"], w["clusters"], w["lr"], w["qat_lr"]
     keras.utils.set_random_seed(0)
-    base = build()
+    base = w["build"]()
     base_rate = 1e-3
     if args.workload == "cifar":
         # annealed to 0 so the base ends converged (with a constant rate 2 fine-tuning epochs
@@ -140,28 +178,10 @@ def main():
     base.fit(x, y, epochs=base_epochs, batch_size=64, verbose=2)
     weights = base.get_weights()
     np.savez(work / "data.npz", x_train=x, y_train=y, classes=classes,
-             n_weights=len(weights), **{f"w{i}": w for i, w in enumerate(weights)})
+             n_weights=len(weights), **{f"w{i}": v for i, v in enumerate(weights)})
 
     start = time.perf_counter()
-    def compile_with(rate):
-        def fn(model):
-            model.compile(keras.optimizers.Adam(rate),
-                          keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return fn
-
-    def not_depthwise(layer):
-        return not isinstance(layer, keras.layers.DepthwiseConv2D)
-
-    tree = co.DeploymentTree(base, (x, y), (xt, yt), compile=compile_with(lr),
-                             qat_compile=compile_with(qat_lr),
-                             # tfmot 0.8.1 leaves depthwise kernels dense (0-1 % zeros in its
-                             # files, measured); prune the same layers so sparsity is comparable
-                             prune_layers=not_depthwise,
-                             # and clusters none either ("big unrecoverable accuracy loss",
-                             # its registry says): cluster the same layers
-                             cluster_layers=not_depthwise,
-        fit={"epochs": epochs, "batch_size": 64, "verbose": 0}, sparsity=sparsity,
-        clusters=clusters, per_channel=True, latency_runs=5)
+    tree = our_tree(base, w)
     ours = {r["path"]: r for r in tree.explore(work / "ours", paths=LEAVES, force=True).rows}
     ours_seconds = time.perf_counter() - start
 

@@ -90,6 +90,10 @@ cluster_skip = ["conv1"]
     assert "[tree].prune_skip: ['DepthwiseConv'] match no layer" in err and "conv1" in err
     with pytest.raises(ConfigError, match=r"\[tree\].cluster_skip must be a list"):
         load_config(_write(project / "e.toml", body.replace('["conv1"]', '"conv1"')))
+    keep = load_config(_write(project / "f.toml", body + 'batchnorm = "keep"\n'))
+    assert keep["tree"]["batchnorm"] == "keep"
+    with pytest.raises(ConfigError, match=r"\[tree\].batchnorm must be one of"):
+        load_config(_write(project / "g.toml", body + 'batchnorm = "train"\n'))
 
 
 def test_missing_data_key_and_bad_model(project, capsys):

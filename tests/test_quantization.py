@@ -150,3 +150,61 @@ def test_no_range_between_a_layer_and_its_relu(trained):
     assert qat.get_layer("conv1").output_range is None
     assert qat.get_layer("conv1_relu").output_range is not None
     assert qat.get_layer("logits").output_range is not None
+
+
+def _moving_means(model):
+    return {w.path: w.numpy().copy() for w in model.weights if "moving_mean" in w.path}
+
+
+def test_batchnorm_kept_trains_and_folds_exactly_in_the_file(tmp_path, trained, digits):
+    """PQAT with batchnorm="keep": BN trains on batch statistics; the converter then folds it
+    into the per-channel int8 kernel with no extra op, zeros intact, accuracy as in Keras."""
+    (x, y), (xt, yt) = digits
+    pruned = compile_model(co.prune(trained, 0.5, verbose=False))  # BN not folded
+    pruned.fit(x, y, epochs=1, verbose=0)
+    qat = compile_model(co.quantize(co.strip(pruned), batchnorm="keep", verbose=False), lr=3e-4)
+    assert scheme_of(qat) == "PQAT"
+    assert isinstance(qat.get_layer("conv1_bn"), keras.layers.BatchNormalization)
+    assert qat.get_layer("conv1").output_range is None  # the range sits after BN + ReLU
+    before = _moving_means(qat)
+    qat.fit(x, y, epochs=1, verbose=0)
+    assert all(np.abs(a - before[k]).max() > 0 for k, a in _moving_means(qat).items())
+    path = co.export_tflite(qat, tmp_path / "pqat_bn.tflite")
+    report = co.inspect(path)
+    assert report.fully_integer
+    assert set(report.operators) <= {"CONV_2D", "MAX_POOL_2D", "RESHAPE", "FULLY_CONNECTED"}
+    checks = co.verify(path, qat)
+    assert all(c.found and c.zeros_lost == 0 for c in checks)
+    assert all(t.sparsity >= 0.49 for t in report.tensors)
+    keras_acc = qat.evaluate(xt, yt, verbose=0)[1]
+    assert abs(co.evaluate_tflite(path, xt, yt) - keras_acc) <= 0.01
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        co.quantize(trained, batchnorm="train", verbose=False)
+
+
+def test_batchnorm_kept_only_where_the_fold_is_exact(tmp_path, digits):
+    """A Dense kernel gets one int8 scale per tensor: its BN is folded even with "keep". A BN
+    with no ReLU after it carries the range its folded producer would have had."""
+    (x, y), (xt, yt) = digits
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inp)
+    h = keras.layers.BatchNormalization(momentum=0.9, name="conv_bn")(h)
+    h = keras.layers.Flatten(name="flat")(h)
+    h = keras.layers.Dense(32, use_bias=False, name="dense")(h)
+    h = keras.layers.BatchNormalization(momentum=0.9, name="dense_bn")(h)
+    h = keras.layers.ReLU(name="dense_relu")(h)
+    model = compile_model(keras.Model(inp, keras.layers.Dense(10, name="logits")(h)))
+    model.fit(x, y, epochs=2, verbose=0)
+    qat = compile_model(co.quantize(model, batchnorm="keep", verbose=False), lr=3e-4)
+    assert isinstance(qat.get_layer("dense_bn"), co.quantization.FoldedBatchNorm)
+    conv_bn = qat.get_layer("conv_bn")
+    assert isinstance(conv_bn.layer, keras.layers.BatchNormalization)
+    assert conv_bn.output_range is not None and qat.get_layer("conv").output_range is None
+    before = _moving_means(qat)
+    qat.fit(x, y, epochs=1, verbose=0)
+    moved = {k: np.abs(a - before[k]).max() for k, a in _moving_means(qat).items()}
+    assert moved and all(v > 0 for v in moved.values())
+    path = co.export_tflite(qat, tmp_path / "mixed.tflite")
+    assert co.inspect(path).fully_integer
+    keras_acc = qat.evaluate(xt, yt, verbose=0)[1]
+    assert abs(co.evaluate_tflite(path, xt, yt) - keras_acc) <= 0.01

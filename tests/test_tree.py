@@ -184,3 +184,31 @@ def test_steps_per_epoch_of_every_data_kind():
     assert _steps_per_epoch((x, y), 32) == 4 and _steps_per_epoch(ds, 0) == 4
     unknown = ds.filter(lambda a, b: True)  # cardinality unknown: counted by iterating
     assert _steps_per_epoch(unknown, 0) == 4
+
+
+def test_batchnorm_keep_trains_bn_where_the_file_keeps_the_structure(tmp_path, trained, digits):
+    """batchnorm="keep": per-channel cluster and QAT nodes keep BN training, the per-tensor
+    cluster node still folds it; the per-channel leaves keep zeros and per-channel codebooks
+    in the file."""
+    from collabopt.quantization import FoldedBatchNorm
+    from collabopt.tree import Node
+
+    tree = _tree(trained, digits, per_channel=True, batchnorm="keep")
+    assert tree.fingerprint()["batchnorm"] == "keep"
+
+    def bn_kinds(model):
+        return {type(layer).__name__ for layer in co.strip(model).layers
+                if isinstance(layer, (keras.layers.BatchNormalization, FoldedBatchNorm))}
+    assert bn_kinds(tree._train(Node("c", "base", "cluster"), trained, print)) == {
+        "FoldedBatchNorm"}
+    assert bn_kinds(tree._train(Node("c", "base", "cluster_pc"), trained, print)) == {
+        "BatchNormalization"}
+    rows = {r["path"]: r for r in tree.explore(
+        tmp_path / "run", paths=["PQAT", "PCQAT(pc)"]).table()}
+    for path in ("PQAT", "PCQAT(pc)"):
+        r = rows[path]
+        assert r["verified"] == "yes" and r["sparsity"] >= 0.45, r
+        assert abs(r["int8_accuracy"] - r["keras_accuracy"]) <= 1 - r["agreement"] + 1e-9
+    assert rows["PCQAT(pc)"]["unique_per_channel_max"] <= 8
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        _tree(trained, digits, batchnorm="yes")

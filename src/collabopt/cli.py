@@ -77,7 +77,7 @@ _KEYS = {
     "train": {"optimizer", "learning_rate", "qat_learning_rate", "loss", "from_logits",
               "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
-             "prune_skip", "cluster_skip"},
+             "prune_skip", "cluster_skip", "batchnorm"},
     "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
 }
 
@@ -133,6 +133,11 @@ def load_config(path: Path) -> dict:
                             or not all(isinstance(v, str) for v in tree[key])):
             raise ConfigError(f"{path}: [tree].{key} must be a list of layer names or layer "
                               f"class names such as [\"DepthwiseConv2D\"], got {tree[key]!r}")
+    from collabopt.quantization import BATCHNORM
+
+    if tree.get("batchnorm", "fold") not in BATCHNORM:
+        raise ConfigError(f"{path}: [tree].batchnorm must be one of {list(BATCHNORM)}, got "
+                          f"{tree['batchnorm']!r}")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
 
@@ -204,6 +209,7 @@ def run(config_path: Path, force: bool) -> int:
         fit={"epochs": t.get("epochs", 1), "batch_size": t.get("batch_size", 32), "verbose": 2},
         sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
         per_channel=tree_cfg.get("per_channel", False),
+        batchnorm=tree_cfg.get("batchnorm", "fold"),
         targets=co.Targets(**config.get("targets", {})), **selectors)
     result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
                           stop_when_met=tree_cfg.get("stop_when_met", False), force=force)

@@ -7,13 +7,22 @@ symmetrically (zero stays integer 0, k centroids stay <= k integers): per output
 the converter does, except where a per-tensor codebook must survive, which gets one scale.
 Activations get EMA ranges at every point TFLite quantizes.
 
+Batch norm: ``batchnorm="fold"`` folds every BN into its layer before the chain is built, so
+QAT sees exactly the weights the file will hold. ``batchnorm="keep"`` leaves a BN in place,
+training on batch statistics, wherever the converter's later fold is exact: behind a weight
+quantized per output channel, scaling a channel rescales its int8 grid and keeps its zeros
+and its distinct values. A weight with one scale per tensor (a per-tensor codebook, a Dense
+kernel) is folded in both modes, since a per-channel rescale would break its grid. Keeping BN
+helps fine-tunes of pruned models recover (measured in docs/BENCHMARKS.md).
+
 Departure from the design's "append, never replace": ``quantize`` first strips a wrapped
-model, because batch norm must be folded into the weights *before* the chain is built (QAT
-has to see the weights the file will hold) and folding needs plain layers. The structure
-survives the strip by construction, and is detected again from the values.
+model, because folding needs plain layers. The structure survives the strip by
+construction, and is detected again from the values.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -23,6 +32,7 @@ from collabopt.clustering import ClusterWeights
 from collabopt.core import registry, structure
 from collabopt.core.rewrite import (
     LayerSelector,
+    _matcher,
     apply_to_model,
     is_wrapped,
     iter_layers,
@@ -34,6 +44,7 @@ from collabopt.core.wrapper import OptimizedLayer
 from collabopt.pruning import PruneMask
 
 PRESERVE = (None, "none", "sparsity", "clusters", "all")
+BATCHNORM = ("fold", "keep")
 
 
 @keras.saving.register_keras_serializable(package="collabopt")
@@ -157,7 +168,13 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     """
     if is_wrapped(model):
         raise ValueError("fold_batchnorm needs a plain model: call collabopt.strip(model) first")
-    pairs = _bn_pairs(model)
+    return _fold_where(model, lambda producer: True)
+
+
+def _fold_where(model: keras.Model, fold: Callable[[keras.layers.Layer], bool]) -> keras.Model:
+    """``fold_batchnorm`` restricted to the producers ``fold`` accepts."""
+    producers = {id(layer): layer for layer in iter_layers(model)}
+    pairs = {k: bn for k, bn in _bn_pairs(model).items() if fold(producers[k])}
     bns = {id(bn) for bn in pairs.values()}
 
     def replace(layer):
@@ -171,8 +188,9 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
 
 
 # --- quantize ----------------------------------------------------------------------------
-def _fused_into_activation(model) -> set[str]:
-    """Layers whose only consumer is a ReLU (possibly through a folded-BN identity).
+def _fused_into_activation(model, kept_bns: frozenset[int] = frozenset()) -> set[str]:
+    """Layers whose only consumer is a ReLU (possibly through a batch norm the converter
+    folds: a folded-BN identity, or a BN in ``kept_bns``).
 
     The converter fuses such a layer with its ReLU and quantizes only the ReLU's output, so
     QAT must not fake-quantize the pre-activation tensor too: doing so simulates a coarser
@@ -194,7 +212,7 @@ def _fused_into_activation(model) -> set[str]:
         if registry.weight_specs(layer) is None:
             continue
         nxt = consumers(layer)
-        if len(nxt) == 1 and isinstance(nxt[0], FoldedBatchNorm):
+        if len(nxt) == 1 and (isinstance(nxt[0], FoldedBatchNorm) or id(nxt[0]) in kept_bns):
             nxt = consumers(nxt[0])
         if len(nxt) == 1 and fusable(nxt[0]):
             names.add(layer.name)
@@ -218,19 +236,29 @@ def quantize(
     preserve: str | None = None,
     layers: LayerSelector = None,
     verbose: bool = True,
+    batchnorm: str = "fold",
 ) -> keras.Model:
     """Return a QAT copy of ``model`` (PQAT / CQAT / PCQAT when the weights call for it).
 
     ``preserve=None`` detects per weight; "none", "sparsity", "clusters" or "all" forces a
-    scheme, and forcing one no selected weight has is an error.
+    scheme, and forcing one no selected weight has is an error. ``batchnorm="keep"`` trains
+    batch norm on batch statistics behind per-channel-quantized weights instead of folding
+    it first (see the module docstring).
     """
     if preserve not in PRESERVE:
         raise ValueError(f"preserve must be one of {PRESERVE}, got {preserve!r}")
+    if batchnorm not in BATCHNORM:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
     if is_wrapped(model):
         model = strip(model)
-    model = fold_batchnorm(model)
+    kept = _bns_to_keep(model, preserve, layers) if batchnorm == "keep" else {}
+    model = _fold_where(model, lambda producer: producer.name not in kept)
+    kept_bns = {id(layer) for layer in iter_layers(model) if layer.name in kept.values()}
     consumers = _input_consumers(model)
-    fused = _fused_into_activation(model)
+    fused = _fused_into_activation(model, frozenset(kept_bns))
+    # a kept BN is folded into its producer by the converter: the range belongs after the BN
+    # (or after the ReLU that follows it), never between the two
+    silent_bns = {bn for producer, bn in kept.items() if producer in fused}
     found: dict[str, bool] = {"sparsity": False, "clusters": False}
 
     def make_chains(layer, specs, explicit):
@@ -263,14 +291,16 @@ def quantize(
             chain.append(WeightFakeQuant(
                 per_channel=s.int8_per_channel and not per_tensor_codebook, **axes))
             chains[s.name] = chain
-        return chains, {"quantize_output": layer.name not in fused,
+        return chains, {"quantize_output": layer.name not in fused and layer.name not in kept,
                         "quantize_input": layer.name in consumers}
 
     def wrap_other(layer):
         if isinstance(layer, keras.layers.InputLayer):
             return None
+        if layer.weights and layer.name not in kept.values():
+            return None  # outside the registry: left as it is (and reported skipped)
         pass_through = isinstance(layer, (*registry.PASS_THROUGH, keras.layers.Identity,
-                                          FoldedBatchNorm))
+                                          FoldedBatchNorm)) or layer.name in silent_bns
         if pass_through and layer.name not in consumers:
             return None
         return {}, {"quantize_output": not pass_through,
@@ -285,6 +315,26 @@ def quantize(
                 f"(detected from the weights: {scheme} absent). Prune/cluster first, or use "
                 "preserve=None to detect.")
     return result
+
+
+def _bns_to_keep(model, preserve, layers: LayerSelector) -> dict[str, str]:
+    """{producer name: BN name} for the batch norms whose fold the converter does exactly:
+    behind a selected layer whose weight is quantized per output channel."""
+    match, _ = _matcher(layers)
+    producers = {id(layer): layer for layer in iter_layers(model)}
+    kept = {}
+    for key, bn in _bn_pairs(model).items():
+        producer = producers[key]
+        specs = registry.weight_specs(producer)
+        if not specs or (match is not None and not match(producer)):
+            continue
+        s = specs[0]
+        st = structure.detect(registry.find_variable(producer, s.name).numpy(), s.channel_axes)
+        per_tensor_codebook = (st.clustered and st.clustered_per_tensor
+                               and preserve in (None, "clusters", "all"))
+        if s.int8_per_channel and not per_tensor_codebook:
+            kept[producer.name] = bn.name
+    return kept
 
 
 def scheme_of(model: keras.Model) -> str:

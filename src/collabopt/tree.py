@@ -181,6 +181,10 @@ class DeploymentTree:
     leave depthwise kernels dense, as tfmot does, where 9 weights per channel leave little
     to remove. ``cluster_layers`` does the same for the cluster nodes (default: every
     clusterable layer, depthwise included; tfmot 0.8.1 leaves depthwise kernels unclustered).
+    ``batchnorm="keep"`` lets batch norm train in the QAT and per-channel cluster nodes
+    wherever the converter folds it exactly (``co.quantize(batchnorm=)``); "fold" folds it
+    first everywhere. Per-tensor cluster nodes always fold first, or the converter's
+    per-channel rescale would break the shared codebook.
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
@@ -189,14 +193,18 @@ class DeploymentTree:
                  calibration_samples: int = 300, latency_runs: int = 50,
                  vela_accelerator: str | None = "ethos-u55-128",
                  qat_compile: Callable | dict | None = None, prune_layers=None,
-                 cluster_layers=None):
+                 cluster_layers=None, batchnorm: str = "fold"):
         from collabopt.core.rewrite import ensure_built
+        from collabopt.quantization import BATCHNORM
 
         ensure_built(model)
         if not 0 < sparsity < 1:
             raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
         if not isinstance(clusters, int) or clusters < 3:
             raise ValueError(f"clusters must be an int >= 3, got {clusters!r}")
+        if batchnorm not in BATCHNORM:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
+        self.batchnorm = batchnorm
         self.model = model
         self.train, self.val = train, val
         self.compile = compile or {"optimizer": "adam",
@@ -226,7 +234,8 @@ class DeploymentTree:
                 "fit": json.dumps(fit, sort_keys=True, default=str),
                 "compile": _describe(self.compile), "qat_compile": _describe(self.qat_compile),
                 "prune_layers": _describe_selector(self.prune_layers),
-                "cluster_layers": _describe_selector(self.cluster_layers)}
+                "cluster_layers": _describe_selector(self.cluster_layers),
+                "batchnorm": self.batchnorm}
 
     def _compile(self, model, how):
         import keras
@@ -264,12 +273,14 @@ class DeploymentTree:
             model = co.prune(parent_model, self._prune_schedule(), layers=self.prune_layers,
                              verbose=False)
         elif node.op in ("cluster", "cluster_pc"):
-            # BN folded first, so the converter cannot rescale the shared values per channel
-            model = co.cluster(fold_batchnorm(parent_model), self.clusters,
-                               per_channel=node.op == "cluster_pc",
+            # BN folded first, so the converter cannot rescale the shared values per channel;
+            # per-channel codebooks survive that rescale, so there BN may keep training
+            keep_bn = node.op == "cluster_pc" and self.batchnorm == "keep"
+            model = co.cluster(parent_model if keep_bn else fold_batchnorm(parent_model),
+                               self.clusters, per_channel=node.op == "cluster_pc",
                                layers=self.cluster_layers, verbose=False)
         elif node.op == "qat":
-            model = co.quantize(parent_model, verbose=False)
+            model = co.quantize(parent_model, batchnorm=self.batchnorm, verbose=False)
         else:
             raise AssertionError(node.op)
         self._compile(model, self.qat_compile if node.op == "qat" else self.compile)

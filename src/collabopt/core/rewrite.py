@@ -223,9 +223,12 @@ def apply_to_model(
         explicit = match is not None and selected != "soft"
         base = layer.layer if isinstance(layer, OptimizedLayer) else layer
         specs = registry.weight_specs(base)
-        if specs is None and wrap_other is not None and not base.weights:
+        if specs is None and wrap_other is not None:
             other = wrap_other(layer)
-            return None if other is None else wrap(layer, other[0], **other[1])
+            if other is not None:
+                return wrap(layer, other[0], **other[1])
+            if not base.weights:
+                return None
         if specs is None:
             if explicit:
                 raise ValueError(
