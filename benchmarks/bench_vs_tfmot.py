@@ -153,10 +153,15 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sparsity", type=float, help="instead of the workload's setting")
     parser.add_argument("--clusters", type=int, help="instead of the workload's setting")
+    parser.add_argument("--batchnorm", choices=["fold", "keep"], default="fold",
+                        help="ours: fold batch norm first (the tables written before 'keep' "
+                             "became the library default) or keep it training")
     args = parser.parse_args()
     if (args.sparsity is None) != (args.clusters is None):
         parser.error("--sparsity and --clusters go together")
     name = run_name(args.workload, args.sparsity, args.clusters, args.quick)
+    if args.batchnorm == "keep":
+        name += "_bn_keep"
     work = ROOT / "benchmarks" / "results" / "runs" / name
     work.mkdir(parents=True, exist_ok=True)
     w = workload(args.workload, args.quick, args.sparsity, args.clusters)
@@ -181,7 +186,7 @@ def main():
              n_weights=len(weights), **{f"w{i}": v for i, v in enumerate(weights)})
 
     start = time.perf_counter()
-    tree = our_tree(base, w)
+    tree = our_tree(base, w, batchnorm=args.batchnorm)
     ours = {r["path"]: r for r in tree.explore(work / "ours", paths=LEAVES, force=True).rows}
     ours_seconds = time.perf_counter() - start
 
@@ -225,7 +230,9 @@ def main():
             "cifar": f"MobileNet v1 (alpha 0.25, 32x32) on CIFAR-10, {len(x):,} training "
                      "images, full test set"}[args.workload]
     write_section(name, f"Side by side with tfmot: {what}, {sparsity:.0%} sparsity, "
-                        f"{clusters} clusters",
+                        f"{clusters} clusters"
+                        + (", batch norm kept training (ours)" if args.batchnorm == "keep"
+                           else ""),
                   md_table(["leaf", "FP32 acc. (ours, before int8)", "INT8 acc. ours / tfmot",
                             "Δ pts", "raw B ours / tfmot", "zipped B ours / tfmot",
                             "zip reduction (ours)", "zip ratio",
@@ -247,7 +254,11 @@ def main():
                   "on 300 training samples in both. tfmot: prune_low_magnitude, cluster_weights "
                   "(preserve_sparsity, cluster_per_channel), quantize_apply with "
                   "Default8BitPrunePreserveQuantizeScheme / "
-                  "Default8BitClusterPreserveQuantizeScheme. tfmot has no batch-norm folding "
+                  "Default8BitClusterPreserveQuantizeScheme. Ours: batch norm "
+                  + ("kept training in the QAT and per-channel cluster nodes (folded "
+                     "before per-tensor clustering). " if args.batchnorm == "keep" else
+                     "folded before every QAT and cluster node (batchnorm=\"fold\"). ")
+                  + "tfmot has no batch-norm folding "
                   "before clustering, so its per-tensor codebooks meet the converter's "
                   "per-channel BN folding. tfmot's cluster_per_channel leaves bias-free "
                   "Conv2D layers unclustered (it reads the channel count from the last "

@@ -144,12 +144,15 @@ def test_unsupported_op_for_int8(tmp_path):
 
 
 def test_no_range_between_a_layer_and_its_relu(trained):
-    """conv -> (folded BN) -> ReLU: only the ReLU output is fake-quantized, as the converter
-    fuses the pair and quantizes once."""
-    qat = co.quantize(trained, verbose=False)
-    assert qat.get_layer("conv1").output_range is None
-    assert qat.get_layer("conv1_relu").output_range is not None
-    assert qat.get_layer("logits").output_range is not None
+    """conv -> BN (kept or folded) -> ReLU: only the ReLU output is fake-quantized, as the
+    converter fuses them and quantizes once."""
+    for batchnorm, kind in (("keep", keras.layers.BatchNormalization),
+                            ("fold", co.quantization.FoldedBatchNorm)):
+        qat = co.quantize(trained, batchnorm=batchnorm, verbose=False)
+        assert type(qat.get_layer("conv1_bn")) is kind
+        assert qat.get_layer("conv1").output_range is None
+        assert qat.get_layer("conv1_relu").output_range is not None
+        assert qat.get_layer("logits").output_range is not None
 
 
 def _moving_means(model):
@@ -162,7 +165,7 @@ def test_batchnorm_kept_trains_and_folds_exactly_in_the_file(tmp_path, trained, 
     (x, y), (xt, yt) = digits
     pruned = compile_model(co.prune(trained, 0.5, verbose=False))  # BN not folded
     pruned.fit(x, y, epochs=1, verbose=0)
-    qat = compile_model(co.quantize(co.strip(pruned), batchnorm="keep", verbose=False), lr=3e-4)
+    qat = compile_model(co.quantize(co.strip(pruned), verbose=False), lr=3e-4)  # keep: default
     assert scheme_of(qat) == "PQAT"
     assert isinstance(qat.get_layer("conv1_bn"), keras.layers.BatchNormalization)
     assert qat.get_layer("conv1").output_range is None  # the range sits after BN + ReLU

@@ -135,7 +135,7 @@ def load_config(path: Path) -> dict:
                               f"class names such as [\"DepthwiseConv2D\"], got {tree[key]!r}")
     from collabopt.quantization import BATCHNORM
 
-    if tree.get("batchnorm", "fold") not in BATCHNORM:
+    if tree.get("batchnorm", "keep") not in BATCHNORM:
         raise ConfigError(f"{path}: [tree].batchnorm must be one of {list(BATCHNORM)}, got "
                           f"{tree['batchnorm']!r}")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
@@ -209,7 +209,7 @@ def run(config_path: Path, force: bool) -> int:
         fit={"epochs": t.get("epochs", 1), "batch_size": t.get("batch_size", 32), "verbose": 2},
         sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
         per_channel=tree_cfg.get("per_channel", False),
-        batchnorm=tree_cfg.get("batchnorm", "fold"),
+        batchnorm=tree_cfg.get("batchnorm", "keep"),
         targets=co.Targets(**config.get("targets", {})), **selectors)
     result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
                           stop_when_met=tree_cfg.get("stop_when_met", False), force=force)

@@ -181,10 +181,10 @@ class DeploymentTree:
     leave depthwise kernels dense, as tfmot does, where 9 weights per channel leave little
     to remove. ``cluster_layers`` does the same for the cluster nodes (default: every
     clusterable layer, depthwise included; tfmot 0.8.1 leaves depthwise kernels unclustered).
-    ``batchnorm="keep"`` lets batch norm train in the QAT and per-channel cluster nodes
-    wherever the converter folds it exactly (``co.quantize(batchnorm=)``); "fold" folds it
-    first everywhere. Per-tensor cluster nodes always fold first, or the converter's
-    per-channel rescale would break the shared codebook.
+    ``batchnorm="keep"`` (default) lets batch norm train in the QAT and per-channel cluster
+    nodes wherever the converter folds it exactly (``co.quantize(batchnorm=)``); "fold"
+    folds it first everywhere. Per-tensor cluster nodes always fold first, or the
+    converter's per-channel rescale would break the shared codebook.
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
@@ -193,7 +193,7 @@ class DeploymentTree:
                  calibration_samples: int = 300, latency_runs: int = 50,
                  vela_accelerator: str | None = "ethos-u55-128",
                  qat_compile: Callable | dict | None = None, prune_layers=None,
-                 cluster_layers=None, batchnorm: str = "fold"):
+                 cluster_layers=None, batchnorm: str = "keep"):
         from collabopt.core.rewrite import ensure_built
         from collabopt.quantization import BATCHNORM
 
