@@ -33,10 +33,10 @@ from collabopt.clustering import ClusterWeights
 from collabopt.core import registry, structure
 from collabopt.core.rewrite import (
     LayerSelector,
-    _matcher,
     apply_to_model,
     is_wrapped,
     iter_layers,
+    layer_matcher,
     rewrite,
     strip,
 )
@@ -288,9 +288,8 @@ def quantize(
                 chain.append(PruneMask({"kind": "ConstantSparsity", "target": st.sparsity,
                                         "begin_step": 0, "end_step": 0, "frequency": 1},
                                        **axes))
-            per_tensor_codebook = keep_codebook and st.clustered_per_tensor
-            chain.append(WeightFakeQuant(
-                per_channel=s.int8_per_channel and not per_tensor_codebook, **axes))
+            chain.append(WeightFakeQuant(per_channel=_int8_per_channel(s, st, preserve),
+                                         **axes))
             chains[s.name] = chain
         return chains, {"quantize_output": layer.name not in fused and layer.name not in kept,
                         "quantize_input": layer.name in consumers}
@@ -321,7 +320,7 @@ def quantize(
 def _bns_to_keep(model, preserve, layers: LayerSelector) -> dict[str, str]:
     """{producer name: BN name} for the batch norms whose fold the converter does exactly:
     behind a selected layer whose weight is quantized per output channel."""
-    match, _ = _matcher(layers)
+    match, _ = layer_matcher(layers)
     producers = {id(layer): layer for layer in iter_layers(model)}
     kept = {}
     for key, bn in _bn_pairs(model).items():
@@ -331,11 +330,17 @@ def _bns_to_keep(model, preserve, layers: LayerSelector) -> dict[str, str]:
             continue
         s = specs[0]
         st = structure.detect(registry.find_variable(producer, s.name).numpy(), s.channel_axes)
-        per_tensor_codebook = (st.clustered and st.clustered_per_tensor
-                               and preserve in (None, "clusters", "all"))
-        if s.int8_per_channel and not per_tensor_codebook:
+        if _int8_per_channel(s, st, preserve):
             kept[producer.name] = bn.name
     return kept
+
+
+def _int8_per_channel(spec: registry.WeightSpec, st: structure.Structure, preserve) -> bool:
+    """Whether QAT fake-quantizes this weight per output channel: where the kernel takes
+    per-channel scales, unless a per-tensor codebook has to keep one scale."""
+    per_tensor_codebook = (st.clustered and st.clustered_per_tensor
+                           and preserve in (None, "clusters", "all"))
+    return spec.int8_per_channel and not per_tensor_codebook
 
 
 def scheme_of(model: keras.Model) -> str:

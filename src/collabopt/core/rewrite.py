@@ -140,7 +140,8 @@ def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
 
 
 # --- selection ---------------------------------------------------------------------------
-def _matcher(layers: LayerSelector):
+def layer_matcher(layers: LayerSelector):
+    """The selector as (a predicate, or None for every layer; the names it spells out)."""
     if layers is None:
         return None, set()
     if callable(layers) and not isinstance(layers, type):
@@ -208,7 +209,7 @@ def apply_to_model(
     ranges) by returning ``(chains, options)``.
     """
     ensure_built(model)
-    match, names = _matcher(layers)
+    match, names = layer_matcher(layers)
     all_layers = list(iter_layers(model))
     missing = names - {layer.name for layer in all_layers}
     if missing:
