@@ -94,6 +94,9 @@ cluster_skip = ["conv1"]
     assert keep["tree"]["batchnorm"] == "keep"
     with pytest.raises(ConfigError, match=r"\[tree\].batchnorm must be one of"):
         load_config(_write(project / "g.toml", body + 'batchnorm = "train"\n'))
+    assert load_config(_write(project / "h.toml", body + "seed = 7\n"))["tree"]["seed"] == 7
+    with pytest.raises(ConfigError, match=r"\[tree\].seed must be a non-negative integer"):
+        load_config(_write(project / "i.toml", body + "seed = -3\n"))
 
 
 def test_missing_data_key_and_bad_model(project, capsys):

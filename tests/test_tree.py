@@ -212,3 +212,41 @@ def test_batchnorm_keep_trains_bn_where_the_file_keeps_the_structure(tmp_path, t
     assert rows["PCQAT(pc)"]["unique_per_channel_max"] <= 8
     with pytest.raises(ValueError, match="batchnorm must be one of"):
         _tree(trained, digits, batchnorm="yes")
+
+
+def _node_weights(run, node):
+    return keras.models.load_model(run / "nodes" / f"{node}.keras").get_weights()
+
+
+@pytest.mark.slow
+def test_seed_makes_a_leaf_independent_of_the_paths_explored_before_it(tmp_path, digits):
+    """Each node's fine-tune is reseeded: training QAT first no longer shifts PQAT.
+
+    The stream matters where a rewritten layer draws a fresh seed (Dropout, as in MobileNet).
+    """
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.Dropout(0.3)(keras.layers.Flatten()(h))
+    model = keras.Model(inp, keras.layers.Dense(10)(h))
+    model.compile("adam", _loss())
+    model.fit(x, y, epochs=2, verbose=0)
+    runs = {}
+    for seed in (0, None):
+        for name, paths in (("alone", ["PQAT"]), ("after_qat", ["QAT", "PQAT"])):
+            keras.utils.set_random_seed(1)  # the caller's stream, as a script would set it
+            run = tmp_path / f"{seed}_{name}"
+            _tree(model, digits, seed=seed).explore(run, paths=paths, log=lambda m: None)
+            runs[seed, name] = _node_weights(run, "pqat")
+    for a, b in zip(runs[0, "alone"], runs[0, "after_qat"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    # without reseeding, the QAT node's rewrite consumed the stream the PQAT node then used
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(runs[None, "alone"], runs[None, "after_qat"], strict=True))
+
+
+def test_seed_is_validated(trained, digits):
+    for bad in (-1, 1.5, "0", True):
+        with pytest.raises(ValueError, match="seed"):
+            _tree(trained, digits, seed=bad)

@@ -77,7 +77,8 @@ _KEYS = {
     "train": {"optimizer", "learning_rate", "qat_learning_rate", "loss", "from_logits",
               "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
-             "prune_skip", "cluster_skip", "batchnorm"},
+             "prune_skip", "cluster_skip", "batchnorm",
+             "seed"},
     "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
 }
 
@@ -138,6 +139,10 @@ def load_config(path: Path) -> dict:
     if tree.get("batchnorm", "keep") not in BATCHNORM:
         raise ConfigError(f"{path}: [tree].batchnorm must be one of {list(BATCHNORM)}, got "
                           f"{tree['batchnorm']!r}")
+    if "seed" in tree and (not isinstance(tree["seed"], int) or isinstance(tree["seed"], bool)
+                           or tree["seed"] < 0):
+        raise ConfigError(f"{path}: [tree].seed must be a non-negative integer, got "
+                          f"{tree['seed']!r}")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
 
@@ -209,7 +214,7 @@ def run(config_path: Path, force: bool) -> int:
         fit={"epochs": t.get("epochs", 1), "batch_size": t.get("batch_size", 32), "verbose": 2},
         sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
         per_channel=tree_cfg.get("per_channel", False),
-        batchnorm=tree_cfg.get("batchnorm", "keep"),
+        batchnorm=tree_cfg.get("batchnorm", "keep"), seed=tree_cfg.get("seed", 0),
         targets=co.Targets(**config.get("targets", {})), **selectors)
     result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
                           stop_when_met=tree_cfg.get("stop_when_met", False), force=force)

@@ -184,7 +184,11 @@ class DeploymentTree:
     ``batchnorm="keep"`` (default) lets batch norm train in the QAT and per-channel cluster
     nodes wherever the converter folds it exactly (``co.quantize(batchnorm=)``); "fold"
     folds it first everywhere. Per-tensor cluster nodes always fold first, or the
-    converter's per-channel rescale would break the shared codebook.
+    converter's per-channel rescale would break the shared codebook. ``seed`` reseeds every
+    node's fine-tune (``keras.utils.set_random_seed``), so a leaf does not depend on which
+    other paths were explored before it, and a resumed run trains the missing nodes exactly
+    as an uninterrupted one; ``None`` leaves the random state to the caller (one stream
+    consumed in exploration order).
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
@@ -193,7 +197,7 @@ class DeploymentTree:
                  calibration_samples: int = 300, latency_runs: int = 50,
                  vela_accelerator: str | None = "ethos-u55-128",
                  qat_compile: Callable | dict | None = None, prune_layers=None,
-                 cluster_layers=None, batchnorm: str = "keep"):
+                 cluster_layers=None, batchnorm: str = "keep", seed: int | None = 0):
         from collabopt.core.rewrite import ensure_built
         from collabopt.quantization import BATCHNORM
 
@@ -204,7 +208,10 @@ class DeploymentTree:
             raise ValueError(f"clusters must be an int >= 3, got {clusters!r}")
         if batchnorm not in BATCHNORM:
             raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
-        self.batchnorm = batchnorm
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        self.batchnorm, self.seed = batchnorm, seed
         self.model = model
         self.train, self.val = train, val
         self.compile = compile or {"optimizer": "adam",
@@ -235,7 +242,7 @@ class DeploymentTree:
                 "compile": _describe(self.compile), "qat_compile": _describe(self.qat_compile),
                 "prune_layers": _describe_selector(self.prune_layers),
                 "cluster_layers": _describe_selector(self.cluster_layers),
-                "batchnorm": self.batchnorm}
+                "batchnorm": self.batchnorm, "seed": self.seed}
 
     def _compile(self, model, how):
         import keras
@@ -266,8 +273,13 @@ class DeploymentTree:
                                frequency=max(1, end // 16))
 
     def _train(self, node: Node, parent_model, log):
+        import keras
+
         import collabopt as co
         from collabopt.quantization import fold_batchnorm
+
+        if self.seed is not None:
+            keras.utils.set_random_seed(self.seed)
 
         if node.op == "prune":  # before BN folding: batch norm helps the model recover
             model = co.prune(parent_model, self._prune_schedule(), layers=self.prune_layers,
