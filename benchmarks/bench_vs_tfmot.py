@@ -117,8 +117,11 @@ def workload(name: str, quick: bool = False, sparsity: float | None = None,
             "clusters": setting[1], "lr": lr, "qat_lr": qat_lr, "epochs": 1 if quick else 2}
 
 
-def our_tree(base, w: dict, batchnorm: str = "fold") -> co.DeploymentTree:
-    """The workload's deployment tree, configured as its tfmot twin is."""
+def our_tree(base, w: dict, batchnorm: str = "fold", seed: int | None = None
+             ) -> co.DeploymentTree:
+    """The workload's deployment tree, configured as its tfmot twin is. ``seed=None``: the
+    tables were measured with one stream seeded at the start of the run (main); the library
+    default reseeds each node, which changes MobileNet's dropout draws."""
     def compile_with(rate):
         def fn(model):
             model.compile(keras.optimizers.Adam(rate),
@@ -137,9 +140,7 @@ def our_tree(base, w: dict, batchnorm: str = "fold") -> co.DeploymentTree:
         prune_layers=not_depthwise, cluster_layers=not_depthwise,
         fit={"epochs": w["epochs"], "batch_size": 64, "verbose": 0}, sparsity=w["sparsity"],
         clusters=w["clusters"], per_channel=True, latency_runs=5, batchnorm=batchnorm,
-        # the tables were measured with one stream seeded at the start of the run (main);
-        # the library default reseeds each node, which changes MobileNet's dropout draws
-        seed=None)
+        seed=seed)
 
 
 def run_name(workload_name: str, sparsity: float | None, clusters: int | None,

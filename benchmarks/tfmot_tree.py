@@ -5,13 +5,14 @@ and exports each leaf with the same converter settings. Evaluation happens in th
 environment, identically for both systems. Not meant to be run by hand.
 
     tfmot_env/bin/python tfmot_tree.py WORKDIR ARCH EPOCHS SPARSITY CLUSTERS LR QAT_LR
+        [--seed N] [--leaves "PTQ,prune → PTQ"] [--out FOLDER]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
@@ -73,14 +74,22 @@ def mobilenet_v1(shape, classes, alpha=0.25):
 
 
 def main():
-    work, arch, epochs, sparsity, clusters = (Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
-                                              float(sys.argv[4]), int(sys.argv[5]))
-    lr, qat_lr = float(sys.argv[6]), float(sys.argv[7])
+    parser = argparse.ArgumentParser()
+    for name, kind in (("work", Path), ("arch", str), ("epochs", int), ("sparsity", float),
+                       ("clusters", int), ("lr", float), ("qat_lr", float)):
+        parser.add_argument(name, type=kind)
+    parser.add_argument("--seed", type=int, default=0, help="reseeded before every fit")
+    parser.add_argument("--leaves", help="comma-separated leaf names (default: all)")
+    parser.add_argument("--out", default="tfmot", help="folder under WORKDIR for the files")
+    args = parser.parse_args()
+    work, arch, epochs, sparsity, clusters = (args.work, args.arch, args.epochs, args.sparsity,
+                                              args.clusters)
+    lr, qat_lr = args.lr, args.qat_lr
     data = np.load(work / "data.npz")
     x, y = data["x_train"], data["y_train"]
     shape, classes = x.shape[1:], int(data["classes"])
     base_weights = [data[f"w{i}"] for i in range(int(data["n_weights"]))]
-    out = work / "tfmot"
+    out = work / args.out
     out.mkdir(exist_ok=True)
 
     def base():
@@ -90,7 +99,7 @@ def main():
         return model
 
     def fit(model, rate=None):
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(args.seed)
         model.compile(keras.optimizers.Adam(rate or lr),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         callbacks = [sparsity_api.UpdatePruningStep()] if any(
@@ -171,7 +180,10 @@ def main():
         "PCQAT(pc)": lambda: (qat(fresh(pruned_clustered_pc()),
                                   combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
     }
-    for name, make in leaves.items():
+    wanted = args.leaves.split(",") if args.leaves else list(leaves)
+    if unknown := set(wanted) - set(leaves):
+        raise SystemExit(f"unknown leaves {sorted(unknown)}; known: {list(leaves)}")
+    for name, make in ((name, leaves[name]) for name in wanted):
         try:
             model, is_qat = make()
             export(model, name.replace(" → ", "-").replace("(pc)", "_pc").replace(" ", "_"),
