@@ -107,6 +107,22 @@ def test_folded_per_tensor_codebook_survives_export(tmp_path, trained, digits):
     assert all(t.unique_per_channel_max <= 4 for t in co.inspect(path).tensors)
 
 
+def test_auto_per_channel_only_where_the_file_scales_per_channel(tmp_path, trained, digits):
+    """Convs per channel (their codebooks survive the BN fold), Dense per tensor (one scale
+    in the file, so one codebook is all it can keep cheaply)."""
+    (x, y), _ = digits
+    auto = co.cluster(trained, 4, per_channel="auto", verbose=False)  # BN kept: not folded
+    path = co.export_tflite(auto, tmp_path / "auto.tflite", representative_data=x[:100])
+    by_op = {}
+    for t in co.inspect(path).tensors:
+        by_op.setdefault(t.op, []).append(t)
+    assert len(by_op["CONV_2D"]) == 2 and len(by_op["FULLY_CONNECTED"]) == 1
+    assert all(t.unique_per_channel_max <= 4 < t.unique for t in by_op["CONV_2D"])
+    assert by_op["FULLY_CONNECTED"][0].unique <= 4  # per tensor, in the file
+    with pytest.raises(ValueError, match="per_channel must be True, False or"):
+        co.cluster(trained, 4, per_channel="yes", verbose=False)
+
+
 def test_save_load_resume(tmp_path, digits):
     (x, y), _ = digits
 

@@ -38,6 +38,9 @@ def test_explore_all_leaves(tmp_path, trained, digits):
     by = {r["path"]: r for r in rows}
     assert by["PCQAT"]["sparsity"] >= 0.45 and by["PCQAT"]["unique_max"] <= 8
     assert by["CQAT(pc)"]["unique_per_channel_max"] <= 8
+    for leaf in ("cluster(pc) → PTQ", "CQAT(pc)", "PCQAT(pc)"):  # Dense: one scale, one codebook
+        dense = [t for t in co.inspect(by[leaf]["file"]).tensors if t.op == "FULLY_CONNECTED"]
+        assert len(dense) == 1 and dense[0].unique <= 8, leaf
     assert by["prune → PTQ"]["sparsity"] >= 0.45
     assert result.recommended in by
     md = (tmp_path / "run" / "report.md").read_text()

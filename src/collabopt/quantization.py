@@ -172,6 +172,17 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     return _fold_where(model, lambda producer: True)
 
 
+def fold_batchnorm_behind_per_tensor(model: keras.Model) -> keras.Model:
+    """``fold_batchnorm`` only behind layers whose int8 kernel has one scale per tensor
+    (Dense): the converter's fold would rescale the columns of their per-tensor codebook,
+    while behind per-channel-scaled kernels it is exact and batch norm may keep training."""
+    def per_tensor(producer) -> bool:
+        specs = registry.weight_specs(producer)
+        return bool(specs) and not specs[0].int8_per_channel
+
+    return _fold_where(model, per_tensor)
+
+
 def _fold_where(model: keras.Model, fold: Callable[[keras.layers.Layer], bool]) -> keras.Model:
     """``fold_batchnorm`` restricted to the producers ``fold`` accepts."""
     producers = {id(layer): layer for layer in iter_layers(model)}

@@ -14,10 +14,13 @@ continues where it stopped::
      └── cluster ── PTQ              level 1
            └── CQAT                  level 2
 
-With ``per_channel=True`` the clustered branches also run with per-channel codebooks.
+With ``per_channel=True`` the clustered branches also run with per-channel codebooks, on the
+kernels the int8 file scales per channel (conv, depthwise); Dense kernels, one scale in the
+file, keep one codebook there (``co.cluster(per_channel="auto")``).
 Pruning ramps up gradually on the model as given (batch norm still there to help it recover);
-clustering starts from a batch-norm-folded copy so its shared values are the ones deployed;
-QAT folds batch norm itself.
+per-tensor clustering starts from a batch-norm-folded copy so its shared values are the ones
+deployed; QAT and per-channel clustering keep batch norm training where the converter's fold
+is exact (``batchnorm=``).
 """
 
 from __future__ import annotations
@@ -276,7 +279,7 @@ class DeploymentTree:
         import keras
 
         import collabopt as co
-        from collabopt.quantization import fold_batchnorm
+        from collabopt.quantization import fold_batchnorm, fold_batchnorm_behind_per_tensor
 
         if self.seed is not None:
             keras.utils.set_random_seed(self.seed)
@@ -284,12 +287,17 @@ class DeploymentTree:
         if node.op == "prune":  # before BN folding: batch norm helps the model recover
             model = co.prune(parent_model, self._prune_schedule(), layers=self.prune_layers,
                              verbose=False)
-        elif node.op in ("cluster", "cluster_pc"):
-            # BN folded first, so the converter cannot rescale the shared values per channel;
-            # per-channel codebooks survive that rescale, so there BN may keep training
-            keep_bn = node.op == "cluster_pc" and self.batchnorm == "keep"
-            model = co.cluster(parent_model if keep_bn else fold_batchnorm(parent_model),
-                               self.clusters, per_channel=node.op == "cluster_pc",
+        elif node.op == "cluster":
+            # BN folded first, so the converter cannot rescale the shared values per channel
+            model = co.cluster(fold_batchnorm(parent_model), self.clusters,
+                               layers=self.cluster_layers, verbose=False)
+        elif node.op == "cluster_pc":
+            # per channel where the file scales per channel: those codebooks survive the
+            # converter's BN fold, so there BN may keep training; Dense kernels (one scale)
+            # get one codebook, as in the per-tensor node
+            parent = (fold_batchnorm_behind_per_tensor(parent_model)
+                      if self.batchnorm == "keep" else fold_batchnorm(parent_model))
+            model = co.cluster(parent, self.clusters, per_channel="auto",
                                layers=self.cluster_layers, verbose=False)
         elif node.op == "qat":
             model = co.quantize(parent_model, batchnorm=self.batchnorm, verbose=False)

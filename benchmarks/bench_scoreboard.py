@@ -1,0 +1,103 @@
+"""The issue's targets over every side-by-side table at a glance: how many leaves meet each
+one, and which fall short by how much. Trains nothing: it reads the JSON the other scripts
+wrote (benchmarks/results/), so it is rerun after any of them.
+
+    python benchmarks/bench_scoreboard.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from _common import RESULTS, md_table, write_section
+
+TARGETS = ("accuracy", "zip", "Vela")
+
+
+def tables() -> list[tuple[str, str, dict]]:
+    """(name, what ours ran with, {leaf: {ours, tfmot, targets}}) for every full run."""
+    out = []
+    for path in sorted(RESULTS.glob("*vs_tfmot_*.json")):
+        name = path.stem
+        if name.endswith("_quick") or name.startswith("noise_"):
+            continue
+        data = json.loads(path.read_text())
+        if name.startswith("batchnorm_"):  # leaves re-run with batch norm kept
+            rows = {leaf: {"ours": r["keep"], "tfmot": r["tfmot"], "targets": r["targets"]}
+                    for leaf, r in data.items()}
+            out.append((name, "keep (changed leaves only)", rows))
+        else:
+            out.append((name, "keep" if name.endswith("_bn_keep") else "fold", data))
+    return out
+
+
+def score(rows: dict, target: str) -> tuple[int, int, int, list[str]]:
+    """(met, compared, not comparable, the leaves that miss it with the gap)."""
+    met = compared = na = 0
+    misses = []
+    for leaf, r in rows.items():
+        verdicts = r.get("targets") or {}
+        if target not in verdicts:
+            continue
+        if verdicts[target] is None:
+            na += 1
+            continue
+        compared += 1
+        if verdicts[target]:
+            met += 1
+        elif target == "accuracy":
+            gap = (r["ours"]["int8_accuracy"] - r["tfmot"]["int8_accuracy"]) * 100
+            misses.append(f"{leaf} {gap:+.2f}")
+        elif target == "zip":
+            misses.append(f"{leaf} {r['ours']['zip_bytes'] / r['tfmot']['zip_bytes']:.2f}x")
+        else:
+            ratio = r["ours"]["vela_encoded_bytes"] / r["tfmot"]["vela_encoded_bytes"]
+            misses.append(f"{leaf} {ratio:.2f}x")
+    return met, compared, na, misses
+
+
+def step_time_rows() -> list[list]:
+    path = RESULTS / "step_time.json"
+    if not path.exists():
+        return []
+    rows = []
+    for arch, r in json.loads(path.read_text()).items():
+        ours, tfmot = r["ours"], r["tfmot"]["median_ms"]
+        slower = [v for v in ours if v != "plain"
+                  and ours[v] / ours["plain"] > tfmot[v] / tfmot["plain"]]
+        rows.append([arch, f"{len(ours) - 1 - len(slower)} / {len(ours) - 1}",
+                     ", ".join(slower) or "–"])
+    return rows
+
+
+def main():
+    rows = []
+    totals = {t: [0, 0] for t in TARGETS}
+    for name, mode, data in tables():
+        cells = [name.removeprefix("batchnorm_").removeprefix("vs_tfmot_"), mode]
+        misses = []
+        for target in TARGETS:
+            met, compared, na, missed = score(data, target)
+            totals[target][0] += met
+            totals[target][1] += compared
+            cells.append(f"{met} / {compared}" + (f" ({na} n/a)" if na else "")
+                         if compared or na else "–")
+            misses += [f"{target}: {m}" for m in missed]
+        rows.append(cells + ["; ".join(misses) or "–"])
+    body = md_table(["run", "ours: batch norm", "accuracy ≥ tfmot − 0.3", "zip ≤ tfmot",
+                     "Vela ≤ 0.75x (clustered)", "short of a target (Δ pts or ratio)"], rows)
+    body += "\n\nTotals over these tables: " + ", ".join(
+        f"{t} {m} / {c}" for t, (m, c) in totals.items()) + (
+        ". Each row counts the leaves of one table whose tfmot file exists; \"n/a\": tfmot left "
+        "the convs of a per-channel leaf unclustered, so its accuracy is not comparable. One "
+        "seed per table: the seed-noise tables say which accuracy gaps exceed shuffling luck. "
+        "Rows named batchnorm_… re-ran only the leaves that batch norm kept training changes.")
+    steps = step_time_rows()
+    if steps:
+        body += "\n\n" + md_table(["model", "wrappers with step-time ratio ≤ tfmot's",
+                                   "slower than tfmot (ratio to plain)"], steps)
+    write_section("scoreboard", "Scoreboard: the targets over every side-by-side table", body)
+
+
+if __name__ == "__main__":
+    main()
