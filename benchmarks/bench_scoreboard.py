@@ -49,7 +49,7 @@ def score(rows: dict, target: str) -> tuple[int, int, int, list[str]]:
             gap = (r["ours"]["int8_accuracy"] - r["tfmot"]["int8_accuracy"]) * 100
             misses.append(f"{leaf} {gap:+.2f}")
         elif target == "zip":
-            misses.append(f"{leaf} {r['ours']['zip_bytes'] / r['tfmot']['zip_bytes']:.2f}x")
+            misses.append(f"{leaf} {r['ours']['zip_bytes'] / r['tfmot']['zip_bytes']:.3f}x")
         else:
             ratio = r["ours"]["vela_encoded_bytes"] / r["tfmot"]["vela_encoded_bytes"]
             misses.append(f"{leaf} {ratio:.2f}x")
