@@ -77,8 +77,7 @@ _KEYS = {
     "train": {"optimizer", "learning_rate", "qat_learning_rate", "loss", "from_logits",
               "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
-             "prune_skip", "cluster_skip", "batchnorm",
-             "seed"},
+             "prune_skip", "cluster_skip", "batchnorm", "seed"},
     "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
 }
 
