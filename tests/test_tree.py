@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import collabopt as co
-from collabopt.tree import ConfigMismatch, leaf_names
+from collabopt.tree import ConfigMismatch, _calibration_inputs, leaf_names
 
 
 def _loss():
@@ -253,3 +253,15 @@ def test_seed_is_validated(trained, digits):
     for bad in (-1, 1.5, "0", True):
         with pytest.raises(ValueError, match="seed"):
             _tree(trained, digits, seed=bad)
+
+
+def test_calibration_spans_class_sorted_arrays(digits):
+    (x, y), _ = digits
+    order = np.argsort(y, kind="stable")  # sorted by class: the first 300 hold 3 classes
+    xs, ys = x[order], y[order]
+    assert len(set(ys[:300])) <= 3
+    picked = _calibration_inputs((xs, ys), 300)
+    assert len(picked) == 300
+    rows = {xs[i].tobytes(): ys[i] for i in range(len(xs))}
+    assert {rows[p.tobytes()] for p in picked} == set(range(10))
+    assert len(_calibration_inputs((xs[:50], ys[:50]), 300)) == 50  # fewer than asked: all

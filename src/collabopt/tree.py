@@ -126,6 +126,16 @@ def _as_arrays(data, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
+def _calibration_inputs(data, n: int) -> np.ndarray:
+    """``n`` inputs evenly spaced through array data, so data sorted by class still calibrates
+    on every class (tfmot's benchmarks sample the same way); the first ``n`` of a dataset,
+    which is expected to be shuffled."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], np.ndarray):
+        x = data[0]
+        return x[np.unique(np.linspace(0, len(x) - 1, min(n, len(x))).astype(int))]
+    return _as_arrays(data, limit=n)[0]
+
+
 def _fit_args(data) -> dict:
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return {"x": data[0], "y": data[1]}
@@ -187,7 +197,9 @@ class DeploymentTree:
     ``batchnorm="keep"`` (default) lets batch norm train in the QAT and per-channel cluster
     nodes wherever the converter folds it exactly (``co.quantize(batchnorm=)``); "fold"
     folds it first everywhere. Per-tensor cluster nodes always fold first, or the
-    converter's per-channel rescale would break the shared codebook. ``seed`` reseeds every
+    converter's per-channel rescale would break the shared codebook. PTQ calibrates on
+    ``calibration_samples`` training inputs spread evenly through array data (the first ones
+    of a dataset: shuffle it). ``seed`` reseeds every
     node's fine-tune (``keras.utils.set_random_seed``), so a leaf does not depend on which
     other paths were explored before it, and a resumed run trains the missing nodes exactly
     as an uninterrupted one; ``None`` leaves the random state to the caller (one stream
@@ -334,7 +346,7 @@ class DeploymentTree:
         _atomic_json(config_file, fingerprint)
 
         x_val, y_val = _as_arrays(self.val)
-        x_cal, _ = _as_arrays(self.train, limit=self.calibration_samples)
+        x_cal = _calibration_inputs(self.train, self.calibration_samples)
         trained: dict[str, object] = {}
         from collabopt import vela
 
