@@ -175,9 +175,10 @@ def cluster(
     or per output channel), trainable with plain ``fit``; :func:`collabopt.strip` it after.
 
     ``per_channel="auto"``: per output channel where the int8 file gives the kernel one scale
-    per channel (conv, depthwise), per tensor where it has one scale (Dense): there a
-    per-channel codebook buys nothing against batch-norm folding and multiplies the values
-    the file holds (MNIST CNN: Vela weights 1.3-1.6x tfmot's with every kernel per channel).
+    per channel (conv, depthwise), per tensor for Dense kernels, which QAT and
+    :func:`collabopt.export_tflite` give one scale: there a per-channel codebook buys nothing
+    against batch-norm folding and multiplies the values the file holds (MNIST CNN: Vela
+    weights 1.3-1.6x tfmot's with every kernel per channel).
     """
     _check(clusters, init, preserve_sparsity)
     if per_channel not in (True, False, "auto"):

@@ -86,6 +86,21 @@ def _input_signature(model):
     return [tf.TensorSpec((1, *t.shape[1:]), tf.float32) for t in model.inputs]
 
 
+def _dense_codebook_per_tensor(model) -> bool:
+    """Whether a Dense-like kernel (one int8 scale in QAT files) holds a per-tensor codebook."""
+    from collabopt.core import registry, structure
+    from collabopt.core.rewrite import iter_layers
+
+    for layer in iter_layers(model):
+        for spec in registry.weight_specs(layer) or ():
+            if spec.int8_per_channel:
+                continue
+            w = registry.find_variable(layer, spec.name).numpy()
+            if structure.detect(w, spec.channel_axes).clustered_per_tensor:
+                return True
+    return False
+
+
 def export_tflite(
     model,
     path: str | os.PathLike,
@@ -99,7 +114,9 @@ def export_tflite(
     ``quantization="int8"``: int8 weights, activations, input and output, builtin ops only.
     Post-training int8 needs ``representative_data``; a QAT model uses its learned ranges.
     ``per_channel_weights=False`` asks post-training quantization for one scale per tensor,
-    which keeps a per-tensor codebook intact in the file.
+    which keeps a per-tensor codebook intact in the file. With per-channel weights, Dense
+    kernels that hold a per-tensor codebook (``co.cluster(per_channel="auto")``) still get one
+    scale, as QAT gives them, so their codebook survives too.
     """
     import tensorflow as tf
 
@@ -140,6 +157,10 @@ def export_tflite(
             converter.inference_output_type = tf.int8
             if not per_channel_weights:
                 converter._experimental_disable_per_channel = True
+            elif gen is not None and _dense_codebook_per_tensor(plain):
+                # post-training conversion scales FULLY_CONNECTED weights per channel, which
+                # would multiply a Dense codebook's values; convs stay per channel
+                converter._experimental_disable_per_channel_quantization_for_dense_layers = True
         try:
             flatbuffer = converter.convert()
         except Exception as err:  # noqa: BLE001 - converter errors are long; keep the gist

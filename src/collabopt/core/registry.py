@@ -21,9 +21,10 @@ class WeightSpec:
         depthwise kernel ``(kh, kw, in, mult)`` these are ``(-2, -1)``: TFLite stores it as
         ``(1, kh, kw, in*mult)`` and quantizes along that last, flattened axis.
     reduction_axes: axes summed over by the layer (the m:n groups run along them).
-    int8_per_channel: whether the TFLite kernel takes per-channel weight scales. The converter
+    int8_per_channel: whether QAT gives the weight per-channel scales. The converter
         transposes FULLY_CONNECTED weights and rejects a per-channel fake-quant on them, so
-        Dense-like weights are quantized per tensor, as post-training conversion does.
+        QAT quantizes Dense-like weights per tensor; post-training conversion would scale them
+        per channel, and export keeps them per tensor where they hold a per-tensor codebook.
     """
 
     name: str
