@@ -17,9 +17,8 @@ import json
 import time
 
 import keras
-import numpy as np
 from _common import RESULTS, ROOT, md_table, save_json, write_section
-from bench_vs_tfmot import _verdict, our_tree, run_name, targets_met, workload
+from bench_vs_tfmot import _verdict, load_saved_base, our_tree, run_name, targets_met, workload
 
 CHANGED = ["prune → PTQ", "QAT", "PQAT", "cluster(pc) → PTQ", "CQAT(pc)",
            "prune → cluster(pc) → PTQ", "PCQAT(pc)"]
@@ -41,11 +40,8 @@ def main():
                          f"benchmarks/bench_vs_tfmot.py with the same arguments first")
     side_by_side = json.loads(results.read_text())
     w = workload(args.workload, args.quick, args.sparsity, args.clusters)
-    saved = np.load(work / "data.npz")
-    w["x"], w["y"] = saved["x_train"], saved["y_train"]
     keras.utils.set_random_seed(0)
-    base = w["build"]()
-    base.set_weights([saved[f"w{i}"] for i in range(int(saved["n_weights"]))])
+    base = load_saved_base(work, w)
 
     start = time.perf_counter()
     keep = {r["path"]: r for r in our_tree(base, w, batchnorm="keep").explore(

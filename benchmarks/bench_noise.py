@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 
-import numpy as np
 from _common import RESULTS, ROOT, md_table, save_json, write_section
 from bench_step_time import ensure_tfmot_env
-from bench_vs_tfmot import LEAVES, _slug, measure, our_tree, run_name, workload
+from bench_vs_tfmot import (
+    LEAVES,
+    _slug,
+    load_saved_base,
+    measure,
+    our_tree,
+    run_name,
+    run_tfmot,
+    workload,
+)
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -61,10 +68,7 @@ def main():
         raise SystemExit(f"{work / 'data.npz'} is missing: run benchmarks/bench_vs_tfmot.py "
                          f"{args.workload} with the same --sparsity/--clusters first")
     w = workload(args.workload, False, args.sparsity, args.clusters)
-    saved = np.load(work / "data.npz")
-    w["x"], w["y"] = saved["x_train"], saved["y_train"]
-    base = w["build"]()
-    base.set_weights([saved[f"w{i}"] for i in range(int(saved["n_weights"]))])
+    base = load_saved_base(work, w)
 
     ours = {leaf: [] for leaf in args.leaves}
     tfmot = {leaf: [] for leaf in args.leaves}
@@ -79,11 +83,8 @@ def main():
             ours[row["path"]].append(row["int8_accuracy"])
         start = time.perf_counter()
         folder = f"noise_tfmot_seed{seed}"
-        run = subprocess.run([str(python), str(ROOT / "benchmarks" / "tfmot_tree.py"),
-                              str(work), w["arch"], str(w["epochs"]), str(w["sparsity"]),
-                              str(w["clusters"]), str(w["lr"]), str(w["qat_lr"]),
-                              "--seed", str(seed), "--leaves", ",".join(args.leaves),
-                              "--out", folder], capture_output=True, text=True)
+        run = run_tfmot(python, work, w, "--seed", str(seed), "--leaves",
+                        ",".join(args.leaves), "--out", folder)
         seconds["tfmot"] += time.perf_counter() - start
         if run.returncode:
             raise SystemExit(f"tfmot failed for seed {seed}:\n{run.stderr[-3000:]}")

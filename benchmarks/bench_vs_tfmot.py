@@ -143,6 +143,24 @@ def our_tree(base, w: dict, batchnorm: str = "fold", seed: int | None = None
         seed=seed)
 
 
+def run_tfmot(python, work, w: dict, *options: str) -> subprocess.CompletedProcess:
+    """tfmot_tree.py in its own environment on the base and data saved in ``work``."""
+    return subprocess.run([str(python), str(ROOT / "benchmarks" / "tfmot_tree.py"), str(work),
+                           w["arch"], str(w["epochs"]), str(w["sparsity"]), str(w["clusters"]),
+                           str(w["lr"]), str(w["qat_lr"]), *options],
+                          capture_output=True, text=True)
+
+
+def load_saved_base(work, w: dict):
+    """The base model and training data a side-by-side run saved in ``work`` (``w`` updated
+    in place), for the scripts that re-run leaves on that run's base."""
+    saved = np.load(work / "data.npz")
+    w["x"], w["y"] = saved["x_train"], saved["y_train"]
+    base = w["build"]()
+    base.set_weights([saved[f"w{i}"] for i in range(int(saved["n_weights"]))])
+    return base
+
+
 def run_name(workload_name: str, sparsity: float | None, clusters: int | None,
              quick: bool) -> str:
     name = f"vs_tfmot_{workload_name}"
@@ -170,7 +188,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     w = workload(args.workload, args.quick, args.sparsity, args.clusters)
     x, y, xt, yt, classes = w["x"], w["y"], w["xt"], w["yt"], w["classes"]
-    arch, base_epochs, epochs = w["arch"], w["base_epochs"], w["epochs"]
+    base_epochs, epochs = w["base_epochs"], w["epochs"]
     sparsity, clusters, lr, qat_lr = w["sparsity"], w["clusters"], w["lr"], w["qat_lr"]
     keras.utils.set_random_seed(0)
     base = w["build"]()
@@ -196,10 +214,7 @@ def main():
 
     python = ensure_tfmot_env()
     start = time.perf_counter()
-    run = subprocess.run([str(python), str(ROOT / "benchmarks" / "tfmot_tree.py"), str(work),
-                          arch, str(epochs), str(sparsity), str(clusters), str(lr),
-                          str(qat_lr)],
-                         capture_output=True, text=True)
+    run = run_tfmot(python, work, w)
     tfmot_seconds = time.perf_counter() - start
     print(run.stdout[-3000:], run.stderr[-3000:] if run.returncode else "")
     rows, data = [], {}
