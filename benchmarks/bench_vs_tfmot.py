@@ -5,10 +5,12 @@ statistics, Vela).
 
     python benchmarks/bench_vs_tfmot.py [mnist|kws|cifar] [--quick]
                                         [--sparsity 0.75 --clusters 4]
+                                        [--batchnorm keep] [--split official]
 
 Each workload has its own setting (MNIST and CIFAR-10 50 % / 16, KWS 75 % / 4); --sparsity /
 --clusters run another one (the aggressive setting, where the methods' accuracy differs) into
-a section of its own.
+a section of its own. KWS trains on five speakers and tests on the sixth; ``--split
+official`` runs the dataset's own split (every speaker in both) into a section of its own.
 
 Targets (issue #8), judged per leaf in the last column: INT8 accuracy >= tfmot's - 0.3 points;
 zipped size <= tfmot's; Vela encoded weights of clustered leaves <= 0.75x tfmot's.
@@ -85,7 +87,7 @@ def _verdict(met: bool | None) -> str:
 
 
 def workload(name: str, quick: bool = False, sparsity: float | None = None,
-             clusters: int | None = None) -> dict:
+             clusters: int | None = None, split: str = "holdout") -> dict:
     """Data, architecture and fine-tuning settings of one workload: one place, for this
     script and for the ablations that reuse its runs."""
     if name == "mnist":
@@ -105,7 +107,8 @@ def workload(name: str, quick: bool = False, sparsity: float | None = None,
         build = lambda: models.mobilenet_v1(0.25, (32, 32, 3), classes=10)  # noqa: E731
         setting, lr, qat_lr = (0.5, 16), 3e-4, 3e-4
     else:
-        (x, y), (xt, yt) = datasets.speech_digits(holdout_speaker="theo")
+        (x, y), (xt, yt) = datasets.speech_digits(
+            holdout_speaker="theo" if split == "holdout" else None)
         arch, base_epochs = "ds_cnn_l", 20
         build = lambda: models.ds_cnn("L", classes=10)  # noqa: E731
         # converged base (training loss ~0): gentler rates, as in bench_tree.py kws
@@ -162,8 +165,8 @@ def load_saved_base(work, w: dict):
 
 
 def run_name(workload_name: str, sparsity: float | None, clusters: int | None,
-             quick: bool) -> str:
-    name = f"vs_tfmot_{workload_name}"
+             quick: bool, split: str = "holdout") -> str:
+    name = f"vs_tfmot_{workload_name}" + ("_official" if split == "official" else "")
     if sparsity is not None:
         name += f"_{round(sparsity * 100)}_{clusters}"
     return name + ("_quick" if quick else "")  # a quick run never overwrites a full one
@@ -178,15 +181,19 @@ def main():
     parser.add_argument("--batchnorm", choices=["fold", "keep"], default="fold",
                         help="ours: fold batch norm first (the tables written before 'keep' "
                              "became the library default) or keep it training")
+    parser.add_argument("--split", choices=["holdout", "official"], default="holdout",
+                        help="kws only: speaker 'theo' held out (default) or the official split")
     args = parser.parse_args()
     if (args.sparsity is None) != (args.clusters is None):
         parser.error("--sparsity and --clusters go together")
-    name = run_name(args.workload, args.sparsity, args.clusters, args.quick)
+    if args.split == "official" and args.workload != "kws":
+        parser.error("--split official applies to kws only")
+    name = run_name(args.workload, args.sparsity, args.clusters, args.quick, args.split)
     if args.batchnorm == "keep":
         name += "_bn_keep"
     work = ROOT / "benchmarks" / "results" / "runs" / name
     work.mkdir(parents=True, exist_ok=True)
-    w = workload(args.workload, args.quick, args.sparsity, args.clusters)
+    w = workload(args.workload, args.quick, args.sparsity, args.clusters, args.split)
     x, y, xt, yt, classes = w["x"], w["y"], w["xt"], w["yt"], w["classes"]
     base_epochs, epochs = w["base_epochs"], w["epochs"]
     sparsity, clusters, lr, qat_lr = w["sparsity"], w["clusters"], w["lr"], w["qat_lr"]
@@ -245,7 +252,9 @@ def main():
                      or "–"])
     save_json(name, data)
     what = {"mnist": f"MNIST CNN, {len(x):,} MNIST training images, full test set",
-            "kws": "DS-CNN-L, spoken digits with speaker 'theo' held out",
+            "kws": "DS-CNN-L, spoken digits with speaker 'theo' held out"
+                   if args.split == "holdout" else
+                   f"DS-CNN-L, spoken digits, official split ({len(x):,} / {len(xt):,} clips)",
             "cifar": f"MobileNet v1 (alpha 0.25, 32x32) on CIFAR-10, {len(x):,} training "
                      "images, full test set"}[args.workload]
     write_section(name, f"Side by side with tfmot: {what}, {sparsity:.0%} sparsity, "
