@@ -35,6 +35,19 @@ def test_kmeans1d_is_optimal():
         best = min(sum(((s - s.mean()) ** 2).sum() for s in np.split(v, list(cut)))
                    for cut in itertools.combinations(range(1, n), k - 1))
         assert quantization_error(v, init_centroids(v, k, "kmeans1d")) <= best + 1e-9
+    # large enough that every row runs its parallel top levels: against a plain O(k n^2) DP
+    for n, k in ((3000, 5), (2000, 16)):
+        v = rng.standard_normal(n)
+        x = np.sort(v)
+        s1, s2 = np.concatenate([[0], np.cumsum(x)]), np.concatenate([[0], np.cumsum(x * x)])
+        j, i = np.arange(n)[:, None], np.arange(n)[None, :]
+        cost = np.where(j <= i, s2[i + 1] - s2[j] - (s1[i + 1] - s1[j]) ** 2
+                        / np.maximum(i - j + 1, 1), np.inf)
+        d = cost[0]
+        for _ in range(k - 1):
+            d = np.min(np.concatenate([[np.inf], d[:-1]])[:, None] + cost, axis=0)
+        assert quantization_error(v, init_centroids(v, k, "kmeans1d")) == pytest.approx(
+            d[-1], rel=1e-9)
     w = rng.standard_normal(20000)
     errors = {init: quantization_error(w, init_centroids(w, 16, init)) for init in INITS}
     assert errors["kmeans1d"] == min(errors.values())
