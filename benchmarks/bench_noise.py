@@ -63,10 +63,14 @@ def main():
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds needs at least two distinct seeds (three for a verdict)")
     name = run_name(args.workload, args.sparsity, args.clusters, quick=False)
-    work = ROOT / "benchmarks" / "results" / "runs" / name
-    if not (work / "data.npz").exists():
-        raise SystemExit(f"{work / 'data.npz'} is missing: run benchmarks/bench_vs_tfmot.py "
-                         f"{args.workload} with the same --sparsity/--clusters first")
+    runs = ROOT / "benchmarks" / "results" / "runs"
+    # either batch-norm variant of the side-by-side run: both save the same base and data
+    work = next((runs / n for n in (name + "_bn_keep", name)
+                 if (runs / n / "data.npz").exists()), None)
+    if work is None:
+        raise SystemExit(f"{runs / name}[_bn_keep]/data.npz is missing: run "
+                         f"benchmarks/bench_vs_tfmot.py {args.workload} with the same "
+                         "--sparsity/--clusters first")
     w = workload(args.workload, False, args.sparsity, args.clusters)
     base = load_saved_base(work, w)
 
@@ -114,7 +118,7 @@ def main():
         md_table(["leaf", f"ours, seeds {seeds}", f"tfmot, seeds {seeds}", "ours mean ± sd",
                   "tfmot mean ± sd", "Δ means (pts)", "difference",
                   "mean ≥ tfmot mean − 0.3"], table)
-        + f"\n\nSame base weights and data as the side-by-side run `{name}`; only the "
+        + f"\n\nSame base weights and data as the side-by-side run `{work.name}`; only the "
           "fine-tuning seed changes (ours: `DeploymentTree(seed=)`, every node reseeded, batch "
           "norm kept where it folds exactly; tfmot: `set_random_seed` before every fit). "
           "\"within noise\": the difference of the means is at most twice its standard error. "
