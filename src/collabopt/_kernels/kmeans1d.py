@@ -73,16 +73,17 @@ def _build():
             top += 2
 
     @numba.njit(cache=True, parallel=True)
-    def solve(x, k):
+    def solve(x, shift, k):
         n = x.shape[0]
         s1 = np.zeros(n + 1)
         s2 = np.zeros(n + 1)
         for i in range(n):
-            s1[i + 1] = s1[i] + x[i]
-            s2[i + 1] = s2[i] + x[i] * x[i]
+            v = np.float64(x[i]) - shift
+            s1[i + 1] = s1[i] + v
+            s2[i + 1] = s2[i] + v * v
         prev = np.empty(n)
         cur = np.empty(n)
-        back = np.zeros((k, n), dtype=np.int32)
+        back = np.empty((k, n), dtype=np.int32)  # every entry read back is written first
         for i in prange(n):
             prev[i] = sse(s1, s2, 0, i)
         width = 1 << _TOP_LEVELS
@@ -125,7 +126,7 @@ def _build():
         i = n - 1
         for q in range(k - 1, -1, -1):
             j = back[q, i] if q > 0 else 0
-            centroids[q] = (s1[i + 1] - s1[j]) / (i - j + 1)
+            centroids[q] = (s1[i + 1] - s1[j]) / (i - j + 1) + shift
             i = j - 1
         return centroids
 
@@ -138,11 +139,11 @@ _solve = None
 def kmeans1d(values: np.ndarray, k: int) -> np.ndarray:
     """The k centroids (ascending) minimising the sum of squared distances, exactly."""
     global _solve
-    x = np.sort(np.asarray(values, dtype=np.float32).ravel()).astype(np.float64)
+    x = np.sort(np.asarray(values, dtype=np.float32).ravel())
     distinct = int(np.count_nonzero(np.diff(x))) + 1 if x.size else 0
     if distinct < k:
         raise ValueError(f"{distinct} distinct values cannot form {k} clusters")
     if _solve is None:
         _solve = _build()
-    shift = x.mean()
-    return np.sort(_solve(x - shift, int(k)) + shift)
+    # centred, so the prefix sums of squares do not swamp the differences taken from them
+    return np.sort(_solve(x, float(x.mean(dtype=np.float64)), int(k)))
