@@ -173,3 +173,24 @@ def test_verify_pairs_kernels_through_batchnorm_folding(tmp_path):
     checks = co.verify(path, model)
     assert [c.layer for c in checks if c.layer.startswith("dw")] == ["dw0", "dw1", "dw2"]
     assert all(c.found and c.zeros_lost == 0 for c in checks)
+
+
+def test_short_tensor_names_shrink_the_file_and_change_nothing_else(tmp_path, exported, trained,
+                                                                    digits):
+    (x, _), (xt, _) = digits
+    files, _ = exported
+    full = co.export_tflite(trained, tmp_path / "full.tflite", representative_data=x[:100],
+                            short_tensor_names=False)
+    short, long = co.inspect(files["dense"]), co.inspect(full)
+    assert short.size_bytes < long.size_bytes and short.zip_bytes < long.zip_bytes
+    assert [(t.layer, t.op) for t in short.tensors] == [(t.layer, t.op) for t in long.tensors]
+    for a, b in zip(short.tensors, long.tensors, strict=True):
+        assert np.array_equal(a.values, b.values)
+    from ai_edge_litert.interpreter import Interpreter
+    short_i, long_i = (Interpreter(model_path=str(p)) for p in (files["dense"], full))
+    assert any(";" in d["name"] for d in long_i.get_tensor_details())  # fused op lists
+    assert not any(";" in d["name"] for d in short_i.get_tensor_details())
+    for io in ("get_input_details", "get_output_details"):  # inputs and outputs keep theirs
+        assert getattr(short_i, io)()[0]["name"] == getattr(long_i, io)()[0]["name"]
+    np.testing.assert_array_equal(co.predict_tflite(files["dense"], xt[:50]),
+                                  co.predict_tflite(full, xt[:50]))

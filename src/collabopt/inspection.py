@@ -144,19 +144,28 @@ def _entropy(values: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def _layer_name(tensor_name: str) -> str:
-    """Best-effort Keras layer name from a converter tensor name.
+_KERNEL_OPS = ("depthwise", "convolution", "Conv2D", "MatMul", "BiasAdd", "einsum", "conv1d",
+               "conv3d", "embedding")
 
-    A fused name ("m/dw_bn/batchnorm/mul_1;m/dw/depthwise;...") names the layer whose
-    kernel op (depthwise, convolution, MatMul...) appears in it, not the batch norm first.
+
+def kernel_op_name(tensor_name: str) -> str:
+    """The part of a converter tensor name that says which layer's op made it.
+
+    A fused name ("m/dw_bn/batchnorm/mul_1;m/dw/depthwise;...") lists every op folded into
+    the tensor; the piece naming a kernel op (depthwise, convolution, MatMul...) names the
+    layer, not the batch norm listed first. The model's own scope ("m/") is dropped.
     """
     pieces = tensor_name.split(";")
-    kernel_ops = ("depthwise", "convolution", "Conv2D", "MatMul", "BiasAdd", "einsum",
-                  "conv1d", "conv3d", "embedding")
-    first = next((p for p in pieces if p.rsplit("/", 1)[-1].split("_")[0] in kernel_ops),
+    piece = next((p for p in pieces if p.rsplit("/", 1)[-1].split("_")[0] in _KERNEL_OPS),
                  pieces[0])
-    parts = [p for p in first.split("/") if p]
-    name = parts[1] if len(parts) > 2 else parts[0] if parts else tensor_name
+    parts = [p for p in piece.split("/") if p]
+    return "/".join(parts[1:] if len(parts) > 2 else parts)
+
+
+def _layer_name(tensor_name: str) -> str:
+    """Best-effort Keras layer name from a (full or shortened) converter tensor name."""
+    parts = kernel_op_name(tensor_name).split("/")
+    name = parts[0] if parts[0] else tensor_name
     base, _, suffix = name.rpartition("_")
     return base if suffix.isdigit() and base else name
 
