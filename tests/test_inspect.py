@@ -194,3 +194,23 @@ def test_short_tensor_names_shrink_the_file_and_change_nothing_else(tmp_path, ex
         assert getattr(short_i, io)()[0]["name"] == getattr(long_i, io)()[0]["name"]
     np.testing.assert_array_equal(co.predict_tflite(files["dense"], xt[:50]),
                                   co.predict_tflite(full, xt[:50]))
+
+
+def _buffer_starts(path) -> list[int]:
+    """Where each non-empty weight buffer's bytes start in the file."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = open(path, "rb").read()
+    model = schema.Model.GetRootAs(data, 0)
+    starts = []
+    for i in range(model.BuffersLength()):
+        b = model.Buffers(i)
+        if b.DataLength():
+            starts.append(b._tab.Vector(b._tab.Offset(4)))
+    return starts
+
+
+def test_short_names_keep_weight_buffers_16_byte_aligned(exported):
+    files, _ = exported
+    starts = _buffer_starts(files["dense"])
+    assert starts and all(s % 16 == 0 for s in starts)

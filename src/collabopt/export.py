@@ -102,9 +102,28 @@ def _dense_codebook_per_tensor(model) -> bool:
 
 
 def _shorten_tensor_names(flatbuffer: bytes) -> bytes:
+    import flatbuffers
     from ai_edge_litert.tools import flatbuffer_utils
 
     from collabopt.inspection import kernel_op_name
+
+    class Aligned16(flatbuffers.Builder):
+        """Byte arrays (weight buffers) start on 16 bytes, as the schema asks (force_align:
+        16): runtimes read weights in place. (The converter's own files miss it for most
+        buffers; a plain re-pack would too.)"""
+
+        _byte_array = False
+
+        def CreateNumpyVector(self, x):  # noqa: N802 - flatbuffers' name
+            self._byte_array = x.dtype == np.uint8
+            try:
+                return super().CreateNumpyVector(x)
+            finally:
+                self._byte_array = False
+
+        def StartVector(self, elemSize, numElems, alignment):  # noqa: N802, N803
+            return super().StartVector(elemSize, numElems,
+                                       max(alignment, 16) if self._byte_array else alignment)
 
     model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
     for graph in model.subgraphs:
@@ -112,7 +131,12 @@ def _shorten_tensor_names(flatbuffer: bytes) -> bytes:
         for i, tensor in enumerate(graph.tensors):
             if i not in keep and tensor.name:
                 tensor.name = kernel_op_name(tensor.name.decode(errors="replace")).encode()
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    for buffer in model.buffers:
+        if buffer.data is not None and not isinstance(buffer.data, np.ndarray):
+            buffer.data = np.frombuffer(bytes(buffer.data), np.uint8)
+    builder = Aligned16(len(flatbuffer))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def export_tflite(
