@@ -191,3 +191,9 @@ def test_cluster_appends_to_a_wrapped_chain(digits):
     both.fit(x[:64], y[:64], epochs=1, verbose=0)
     k = co.strip(both).get_layer("pw").kernel.numpy()
     assert abs(np.mean(k == 0) - 0.5) < 0.02 and np.unique(k).size <= 4
+
+
+def test_kmeans1d_refuses_what_would_not_fit_in_memory():
+    v = np.random.default_rng(0).standard_normal(2_000_000)
+    with pytest.raises(ValueError, match="GiB of back-pointers.*kmeans\\+\\+"):
+        init_centroids(v, 600, "kmeans1d")  # 4.5 GiB of back-pointers

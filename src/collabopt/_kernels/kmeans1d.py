@@ -17,6 +17,7 @@ import numpy as np
 
 _TOP_LEVELS = 8  # 2**8 subtrees per row: enough to balance any core count seen here
 _CHUNKS = 64
+MAX_BACK_POINTER_BYTES = 4 << 30  # k x n int32: 10 M weights x 16 clusters is 0.6 GiB
 
 
 def _build():
@@ -139,6 +140,13 @@ _solve = None
 def kmeans1d(values: np.ndarray, k: int) -> np.ndarray:
     """The k centroids (ascending) minimising the sum of squared distances, exactly."""
     global _solve
+    n = int(np.size(values))
+    if 4 * n * int(k) > MAX_BACK_POINTER_BYTES:
+        raise ValueError(
+            f"exact kmeans1d on {n:,} weights with {k} clusters needs "
+            f"{4 * n * k / 2**30:.1f} GiB of back-pointers (limit "
+            f"{MAX_BACK_POINTER_BYTES / 2**30:.0f} GiB): use init='kmeans++' (within a few "
+            "percent of the optimum, docs/BENCHMARKS.md) or cluster per channel")
     x = np.sort(np.asarray(values, dtype=np.float32).ravel())
     distinct = int(np.count_nonzero(np.diff(x))) + 1 if x.size else 0
     if distinct < k:
