@@ -17,6 +17,7 @@ _API = {
     "cluster": "clustering",
     "quantize": "quantization",
     "fold_batchnorm": "quantization",
+    "correct_bias": "bias_correction",
     "strip": "core.rewrite",
     "export_tflite": "export",
     "inspect": "inspection",
