@@ -97,6 +97,10 @@ cluster_skip = ["conv1"]
     assert load_config(_write(project / "h.toml", body + "seed = 7\n"))["tree"]["seed"] == 7
     with pytest.raises(ConfigError, match=r"\[tree\].seed must be a non-negative integer"):
         load_config(_write(project / "i.toml", body + "seed = -3\n"))
+    assert load_config(_write(project / "j.toml", body + "bias_correction = false\n"))[
+        "tree"]["bias_correction"] is False
+    with pytest.raises(ConfigError, match=r"\[tree\].bias_correction must be true or false"):
+        load_config(_write(project / "k.toml", body + 'bias_correction = "yes"\n'))
 
 
 def test_missing_data_key_and_bad_model(project, capsys):

@@ -265,3 +265,25 @@ def test_calibration_spans_class_sorted_arrays(digits):
     rows = {xs[i].tobytes(): ys[i] for i in range(len(xs))}
     assert {rows[p.tobytes()] for p in picked} == set(range(10))
     assert len(_calibration_inputs((xs[:50], ys[:50]), 300)) == 50  # fewer than asked: all
+
+
+def test_cluster_node_gets_its_channel_means_back(tmp_path, trained, digits):
+    """With batch norm folded, the cluster node's fine-tune leaves each channel's mean output
+    where clustering moved it; bias correction puts it back (and only then)."""
+    from collabopt.bias_correction import _channel_means
+    from collabopt.quantization import fold_batchnorm
+
+    (x, _), _ = digits
+    folded = fold_batchnorm(trained)
+    cal = _calibration_inputs((x[:600], None), 300)
+    gaps = {}
+    for on in (True, False):
+        run = tmp_path / str(on)
+        tree = _tree(trained, digits, clusters=3, bias_correction=on)
+        tree.explore(run, paths=["cluster → PTQ"], log=lambda m: None)
+        assert tree.fingerprint()["bias_correction"] is on
+        node = keras.models.load_model(run / "nodes" / "cluster.keras")
+        gaps[on] = max(np.abs(_channel_means(node, n, cal, 256)
+                              - _channel_means(folded, n, cal, 256)).max()
+                       for n in ("conv1", "conv2", "logits"))
+    assert gaps[True] < 1e-3 < gaps[False], gaps

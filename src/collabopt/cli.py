@@ -77,7 +77,7 @@ _KEYS = {
     "train": {"optimizer", "learning_rate", "qat_learning_rate", "loss", "from_logits",
               "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
-             "prune_skip", "cluster_skip", "batchnorm", "seed"},
+             "prune_skip", "cluster_skip", "batchnorm", "seed", "bias_correction"},
     "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
 }
 
@@ -142,6 +142,9 @@ def load_config(path: Path) -> dict:
                            or tree["seed"] < 0):
         raise ConfigError(f"{path}: [tree].seed must be a non-negative integer, got "
                           f"{tree['seed']!r}")
+    if not isinstance(tree.get("bias_correction", True), bool):
+        raise ConfigError(f"{path}: [tree].bias_correction must be true or false, got "
+                          f"{tree['bias_correction']!r}")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
 
@@ -214,6 +217,7 @@ def run(config_path: Path, force: bool) -> int:
         sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
         per_channel=tree_cfg.get("per_channel", False),
         batchnorm=tree_cfg.get("batchnorm", "keep"), seed=tree_cfg.get("seed", 0),
+        bias_correction=tree_cfg.get("bias_correction", True),
         targets=co.Targets(**config.get("targets", {})), **selectors)
     result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
                           stop_when_met=tree_cfg.get("stop_when_met", False), force=force)
