@@ -7,7 +7,10 @@ side-by-side tables (one seed each) are method differences and which are shuffli
 Reads the base weights and training data that ``bench_vs_tfmot.py`` with the same
 ``--sparsity/--clusters`` saved (run it first); trains the requested leaves once per seed in
 each system (same data, rates, epochs; ours with the library defaults: every node reseeded,
-batch norm kept where it folds exactly) and evaluates the files identically.
+batch norm kept where it folds exactly, bias correction of folded cluster nodes unless
+``--bias-correction off``) and evaluates the files identically. tfmot's files for a seed
+are trained once per run folder and reused by later invocations (they do not depend on
+ours).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--leaves", nargs="+", default=["prune → PTQ", "PQAT"],
                         choices=LEAVES, metavar="LEAF")
+    parser.add_argument("--bias-correction", choices=["on", "off"], default="on",
+                        help="ours: co.correct_bias after folded cluster nodes (default on)")
     args = parser.parse_args()
     if (args.sparsity is None) != (args.clusters is None):
         parser.error("--sparsity and --clusters go together")
@@ -73,6 +78,7 @@ def main():
                          "--sparsity/--clusters first")
     w = workload(args.workload, False, args.sparsity, args.clusters)
     base = load_saved_base(work, w)
+    suffix = "" if args.bias_correction == "on" else "_no_bc"
 
     ours = {leaf: [] for leaf in args.leaves}
     tfmot = {leaf: [] for leaf in args.leaves}
@@ -80,18 +86,23 @@ def main():
     seconds = {"ours": 0.0, "tfmot": 0.0}
     for seed in args.seeds:
         start = time.perf_counter()
-        rows = our_tree(base, w, batchnorm="keep", seed=seed).explore(
-            work / f"noise_ours_seed{seed}", paths=args.leaves, force=True).rows
+        rows = our_tree(base, w, batchnorm="keep", seed=seed,
+                        bias_correction=args.bias_correction == "on").explore(
+            work / f"noise_ours{suffix}_seed{seed}", paths=args.leaves, force=True).rows
         seconds["ours"] += time.perf_counter() - start
         for row in rows:
             ours[row["path"]].append(row["int8_accuracy"])
         start = time.perf_counter()
         folder = f"noise_tfmot_seed{seed}"
-        run = run_tfmot(python, work, w, "--seed", str(seed), "--leaves",
-                        ",".join(args.leaves), "--out", folder)
+        files = [work / folder / f"{_slug(leaf)}.tflite" for leaf in args.leaves]
+        if all(f.exists() for f in files):
+            print(f"seed {seed}: reusing tfmot's files in {work / folder}", flush=True)
+        else:
+            run = run_tfmot(python, work, w, "--seed", str(seed), "--leaves",
+                            ",".join(args.leaves), "--out", folder)
+            if run.returncode:
+                raise SystemExit(f"tfmot failed for seed {seed}:\n{run.stderr[-3000:]}")
         seconds["tfmot"] += time.perf_counter() - start
-        if run.returncode:
-            raise SystemExit(f"tfmot failed for seed {seed}:\n{run.stderr[-3000:]}")
         for leaf in args.leaves:
             tfmot[leaf].append(measure(work / folder / f"{_slug(leaf)}.tflite", w["xt"],
                                        w["yt"])["int8_accuracy"])
@@ -108,22 +119,26 @@ def main():
                       f"{mo:.2%} ± {so * 100:.2f}", f"{mt:.2%} ± {st * 100:.2f}",
                       f"{(mo - mt) * 100:+.2f}", data[leaf]["verdict"],
                       "met" if mo >= mt - 0.003 else "NOT met"])
-    section = f"noise_{name}"
+    section = f"noise_{name}{suffix}"
     save_json(section, data)
     seeds = ", ".join(map(str, args.seeds))
     write_section(
         section,
         f"Seed noise: {name.removeprefix('vs_tfmot_')}, {w['sparsity']:.0%} sparsity, "
-        f"{w['clusters']} clusters",
+        f"{w['clusters']} clusters"
+        + (", ours without bias correction" if suffix else ""),
         md_table(["leaf", f"ours, seeds {seeds}", f"tfmot, seeds {seeds}", "ours mean ± sd",
                   "tfmot mean ± sd", "Δ means (pts)", "difference",
                   "mean ≥ tfmot mean − 0.3"], table)
         + f"\n\nSame base weights and data as the side-by-side run `{work.name}`; only the "
           "fine-tuning seed changes (ours: `DeploymentTree(seed=)`, every node reseeded, batch "
-          "norm kept where it folds exactly; tfmot: `set_random_seed` before every fit). "
+          "norm kept where it folds exactly, "
+          + ("no bias correction" if suffix else "bias correction after folded cluster nodes")
+          + "; tfmot: `set_random_seed` before every fit). "
           "\"within noise\": the difference of the means is at most twice its standard error. "
           f"{len(w['yt'])} test samples: one sample is {100 / len(w['yt']):.2f} points. "
-          f"Wall time: ours {seconds['ours']:.0f}s, tfmot {seconds['tfmot']:.0f}s.")
+          f"Wall time: ours {seconds['ours']:.0f}s, tfmot {seconds['tfmot']:.0f}s (0 where "
+          "its files of an earlier invocation were reused).")
     print((RESULTS / f"{section}.json").read_text()[:2000])
 
 
