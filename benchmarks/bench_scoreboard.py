@@ -27,7 +27,9 @@ def tables() -> list[tuple[str, str, dict]]:
                     for leaf, r in data.items()}
             out.append((name, "keep (changed leaves only)", rows))
         else:
-            out.append((name, "keep" if name.endswith("_bn_keep") else "fold", data))
+            mode = "keep" if "_bn_keep" in name else "fold"
+            out.append((name, mode + (" + bias correction" if name.endswith("_bc") else ""),
+                        data))
     return out
 
 

@@ -185,6 +185,9 @@ def main():
                              "became the library default) or keep it training")
     parser.add_argument("--split", choices=["holdout", "official"], default="holdout",
                         help="kws only: speaker 'theo' held out (default) or the official split")
+    parser.add_argument("--bias-correction", choices=["on", "off"], default="off",
+                        help="ours: co.correct_bias after folded cluster nodes (the library "
+                             "default; 'off', how the tables before it were measured)")
     args = parser.parse_args()
     if (args.sparsity is None) != (args.clusters is None):
         parser.error("--sparsity and --clusters go together")
@@ -193,6 +196,8 @@ def main():
     name = run_name(args.workload, args.sparsity, args.clusters, args.quick, args.split)
     if args.batchnorm == "keep":
         name += "_bn_keep"
+    if args.bias_correction == "on":
+        name += "_bc"
     work = ROOT / "benchmarks" / "results" / "runs" / name
     work.mkdir(parents=True, exist_ok=True)
     w = workload(args.workload, args.quick, args.sparsity, args.clusters, args.split)
@@ -217,7 +222,8 @@ def main():
              n_weights=len(weights), **{f"w{i}": v for i, v in enumerate(weights)})
 
     start = time.perf_counter()
-    tree = our_tree(base, w, batchnorm=args.batchnorm)
+    tree = our_tree(base, w, batchnorm=args.batchnorm,
+                    bias_correction=args.bias_correction == "on")
     ours = {r["path"]: r for r in tree.explore(work / "ours", paths=LEAVES, force=True).rows}
     ours_seconds = time.perf_counter() - start
 
@@ -261,6 +267,8 @@ def main():
                      "images, full test set"}[args.workload]
     write_section(name, f"Side by side with tfmot: {what}, {sparsity:.0%} sparsity, "
                         f"{clusters} clusters"
+                        + (", ours with bias correction" if args.bias_correction == "on"
+                           else "")
                         + (", batch norm kept training (ours)" if args.batchnorm == "keep"
                            else ""),
                   md_table(["leaf", "FP32 acc. (ours, before int8)", "INT8 acc. ours / tfmot",
