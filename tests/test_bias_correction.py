@@ -5,7 +5,7 @@ import pytest
 import collabopt as co
 from collabopt.bias_correction import _channel_means
 
-from .conftest import weights_of
+from .conftest import tiny_conv_model, weights_of
 
 
 def _accuracy(model, x, y):
@@ -51,3 +51,16 @@ def test_correct_bias_selection_and_bad_input(trained, digits):
         co.correct_bias(clustered, folded, x[:64], layers=["nope"])
     with pytest.raises(ValueError, match="few hundred inputs"):
         co.correct_bias(clustered, folded, x[:0])
+
+
+def test_fused_activations_are_corrected_before_the_activation(digits):
+    """conv/dw/pw apply ReLU themselves: the means that must match are the ones before it."""
+    (x, _), _ = digits
+    keras.utils.set_random_seed(0)
+    reference = tiny_conv_model()
+    clustered = co.cluster(reference, 3, verbose=False)
+    assert co.correct_bias(clustered, reference, x[:300]) == ["conv", "dw", "pw", "dense"]
+    for name in ("conv", "dw", "pw", "dense"):
+        np.testing.assert_allclose(_channel_means(clustered, name, x[:300], 256),
+                                   _channel_means(reference, name, x[:300], 256), atol=1e-4)
+    assert reference.get_layer("conv").activation is keras.activations.relu  # restored

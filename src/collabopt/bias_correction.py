@@ -33,7 +33,7 @@ def _channel_means(model: keras.Model, name: str, x: np.ndarray, batch_size: int
     finally:
         if activation is not None:
             host.activation = activation
-    axis = 1 if getattr(_host(layer), "data_format", "channels_last") == "channels_first" \
+    axis = 1 if getattr(host, "data_format", "channels_last") == "channels_first" \
         else out.ndim - 1
     return np.moveaxis(out, axis, -1).reshape(-1, out.shape[axis]).mean(axis=0)
 
