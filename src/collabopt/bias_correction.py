@@ -21,7 +21,8 @@ def _host(layer):
 
 def _channel_means(model: keras.Model, name: str, x: np.ndarray, batch_size: int) -> np.ndarray:
     """Per-channel mean of the layer's output before its fused activation (the bias acts
-    there; after a ReLU a mean no longer moves one for one with it)."""
+    there; after a ReLU a mean no longer moves one for one with it). One layer per pass: the
+    swap must not reach the layers that feed it, so several outputs cannot share a probe."""
     layer = model.get_layer(name)
     host = _host(layer)
     activation = getattr(host, "activation", None)
