@@ -19,7 +19,7 @@ def tables() -> list[tuple[str, str, dict]]:
     out = []
     for path in sorted(RESULTS.glob("*vs_tfmot_*.json")):
         name = path.stem
-        if name.endswith("_quick") or name.startswith("noise_"):
+        if name.endswith("_quick") or name.startswith(("noise_", "reproduce_")):
             continue
         data = json.loads(path.read_text())
         if name.startswith("batchnorm_"):  # leaves re-run with batch norm kept

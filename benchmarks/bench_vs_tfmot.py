@@ -6,11 +6,14 @@ statistics, Vela).
     python benchmarks/bench_vs_tfmot.py [mnist|kws|cifar] [--quick]
                                         [--sparsity 0.75 --clusters 4]
                                         [--batchnorm keep] [--split official]
+                                        [--bias-correction on] [--check]
 
 Each workload has its own setting (MNIST and CIFAR-10 50 % / 16, KWS 75 % / 4); --sparsity /
 --clusters run another one (the aggressive setting, where the methods' accuracy differs) into
 a section of its own. KWS trains on five speakers and tests on the sixth; ``--split
 official`` runs the dataset's own split (every speaker in both) into a section of its own.
+``--check`` runs a committed table's command again from scratch and writes how far each cell
+moved instead of the table.
 
 Targets (issue #8), judged per leaf in the last column: INT8 accuracy >= tfmot's - 0.3 points;
 zipped size <= tfmot's; Vela encoded weights of clustered leaves <= 0.75x tfmot's.
@@ -19,12 +22,14 @@ zipped size <= tfmot's; Vela encoded weights of clustered leaves <= 0.75x tfmot'
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
-from _common import ROOT, md_table, save_json, write_section
+from _common import RESULTS, ROOT, md_table, save_json, write_section
 from bench_step_time import ensure_tfmot_env
 
 import collabopt as co
@@ -174,6 +179,56 @@ def run_name(workload_name: str, sparsity: float | None, clusters: int | None,
     return name + ("_quick" if quick else "")  # a quick run never overwrites a full one
 
 
+def write_reproduction(name: str, committed: dict, rerun: dict) -> None:
+    """How far each leaf of a committed side-by-side table moved when run again (issue #8:
+    re-running reproduces the numbers within noise), and whether the files came out byte for
+    byte the same where the committed run's folder is still here."""
+    runs = ROOT / "benchmarks" / "results" / "runs"
+
+    def identical(leaf) -> str:
+        ours = Path(rerun[leaf]["ours"]["file"]).name
+        pairs = [(runs / name / "ours" / "leaves" / ours,
+                  runs / f"{name}_check" / "ours" / "leaves" / ours),
+                 (runs / name / "tfmot" / f"{_slug(leaf)}.tflite",
+                  runs / f"{name}_check" / "tfmot" / f"{_slug(leaf)}.tflite")]
+        return " / ".join(("yes" if a.read_bytes() == b.read_bytes() else "no")
+                          if a.exists() and b.exists() else "–" for a, b in pairs)
+
+    def moved(leaf, side, key, fmt):
+        old, new = committed[leaf][side], rerun[leaf][side]
+        if not old or not new or old.get(key) is None or new.get(key) is None:
+            return "–"
+        return fmt(old[key], new[key])
+
+    def acc(old, new):
+        return f"{(new - old) * 100:+.2f}"
+
+    def ratio(old, new):
+        return f"{new / old:.3f}"
+
+    rows, changed = [], 0
+    for leaf in LEAVES:
+        if leaf not in committed or leaf not in rerun:
+            continue
+        same = committed[leaf].get("targets") == rerun[leaf].get("targets")
+        changed += not same
+        rows.append([leaf] + [moved(leaf, side, "int8_accuracy", acc)
+                              for side in ("ours", "tfmot")]
+                    + [moved(leaf, side, key, ratio) for side in ("ours", "tfmot")
+                       for key in ("zip_bytes", "vela_encoded_bytes")]
+                    + [identical(leaf), "same" if same else
+                       f"{committed[leaf].get('targets')} → {rerun[leaf].get('targets')}"])
+    save_json(f"reproduce_{name}", {"committed": committed, "rerun": rerun})
+    write_section(f"reproduce_{name}", f"Reproduction: {name} run again",
+                  md_table(["leaf", "INT8 acc. Δ pts ours", "INT8 acc. Δ pts tfmot",
+                            "zipped B ours new/old", "Vela B ours new/old",
+                            "zipped B tfmot new/old", "Vela B tfmot new/old",
+                            "same bytes ours / tfmot", "target verdicts"], rows)
+                  + f"\n\nThe committed table's command again with `--check`, from "
+                  f"scratch (base training included) into its own folder; {changed} of "
+                  f"{len(rows)} leaves changed a target verdict.")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", nargs="?", default="mnist", choices=["mnist", "kws", "cifar"])
@@ -188,6 +243,9 @@ def main():
     parser.add_argument("--bias-correction", choices=["on", "off"], default="off",
                         help="ours: co.correct_bias after folded cluster nodes (the library "
                              "default; 'off', how the tables before it were measured)")
+    parser.add_argument("--check", action="store_true",
+                        help="re-run a committed table into its own folder and write how far "
+                             "each cell moved (a 'Reproduction' section) instead of the table")
     args = parser.parse_args()
     if (args.sparsity is None) != (args.clusters is None):
         parser.error("--sparsity and --clusters go together")
@@ -198,7 +256,10 @@ def main():
         name += "_bn_keep"
     if args.bias_correction == "on":
         name += "_bc"
-    work = ROOT / "benchmarks" / "results" / "runs" / name
+    committed = RESULTS / f"{name}.json"
+    if args.check and not committed.exists():
+        parser.error(f"--check: no committed table {committed.name} to reproduce")
+    work = ROOT / "benchmarks" / "results" / "runs" / (name + ("_check" if args.check else ""))
     work.mkdir(parents=True, exist_ok=True)
     w = workload(args.workload, args.quick, args.sparsity, args.clusters, args.split)
     x, y, xt, yt, classes = w["x"], w["y"], w["xt"], w["yt"], w["classes"]
@@ -258,6 +319,9 @@ def main():
                      both("unique_max", "{}"), both("unique_per_channel_max", "{}"),
                      ", ".join(f"{k} {_verdict(v)}" for k, v in verdict.items())
                      or "–"])
+    if args.check:
+        write_reproduction(name, json.loads(committed.read_text()), data)
+        return
     save_json(name, data)
     what = {"mnist": f"MNIST CNN, {len(x):,} MNIST training images, full test set",
             "kws": "DS-CNN-L, spoken digits with speaker 'theo' held out"
