@@ -183,7 +183,7 @@ def write_reproduction(name: str, committed: dict, rerun: dict) -> None:
     """How far each leaf of a committed side-by-side table moved when run again (issue #8:
     re-running reproduces the numbers within noise), and whether the files came out byte for
     byte the same where the committed run's folder is still here."""
-    runs = ROOT / "benchmarks" / "results" / "runs"
+    runs = RESULTS / "runs"
 
     def identical(leaf) -> str:
         ours = Path(rerun[leaf]["ours"]["file"]).name
@@ -259,7 +259,7 @@ def main():
     committed = RESULTS / f"{name}.json"
     if args.check and not committed.exists():
         parser.error(f"--check: no committed table {committed.name} to reproduce")
-    work = ROOT / "benchmarks" / "results" / "runs" / (name + ("_check" if args.check else ""))
+    work = RESULTS / "runs" / (name + ("_check" if args.check else ""))
     work.mkdir(parents=True, exist_ok=True)
     w = workload(args.workload, args.quick, args.sparsity, args.clusters, args.split)
     x, y, xt, yt, classes = w["x"], w["y"], w["xt"], w["yt"], w["classes"]
