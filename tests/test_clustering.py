@@ -76,10 +76,29 @@ def test_sparsity_preserved(per_channel, digits):
     plain = co.strip(clustered)
     for name, z in zeros.items():
         k = plain.get_layer(name).kernel.numpy()
-        np.testing.assert_array_equal(k == 0, z)
+        assert np.all(k[z] == 0)  # every zero kept (survivors may join them: next test)
         axes = (-1,)
         bound = _unique_per_channel(k, axes) if per_channel else np.unique(k).size
         assert bound <= 4
+
+
+def test_survivors_near_zero_join_the_zeros():
+    """With sparsity preserved, 0 is one of the k values: a survivor closer to 0 than to any
+    free centroid takes it (tfmot does the same) instead of a far centroid; 4 clusters on the
+    MNIST CNN at 75 % sparsity gained 0.5 points from this (docs/BENCHMARKS.md)."""
+    rng = np.random.default_rng(0)
+    kernel = rng.choice([-1.0, 1.0], size=(16, 8)) * rng.uniform(0.9, 1.1, size=(16, 8))
+    kernel[::2] = 0.0  # pruned rows
+    kernel[1, :3] = [0.01, -0.02, 0.03]  # survivors near the zeros
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, keras.layers.Dense(8, name="dense")(inputs))
+    model.get_layer("dense").kernel.assign(kernel)
+    plain = co.strip(co.cluster(model, 3, preserve_sparsity=True, init="kmeans1d",
+                                verbose=False))
+    k = plain.get_layer("dense").kernel.numpy()
+    assert np.all(k[::2] == 0)
+    np.testing.assert_array_equal(k[1, :3], 0.0)
+    assert np.unique(k).size == 3 and np.count_nonzero(k) == np.count_nonzero(kernel) - 3
 
 
 def test_training_moves_centroids_and_recovers(trained, digits):

@@ -51,7 +51,7 @@ def test_mixed_precision_keeps_invariants(policy):
         for t in qat.get_layer("pw").transforms:
             assert all(v.dtype == "float32" for v in t.weights)  # state stays float32
         k = co.strip(qat).get_layer("pw").kernel.numpy()
-        np.testing.assert_array_equal(k == 0, pruned.get_layer("pw").kernel.numpy() == 0)
+        assert np.all(k[pruned.get_layer("pw").kernel.numpy() == 0] == 0)  # zeros kept
         assert np.unique(k).size <= 4
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -102,6 +102,7 @@ def test_jax_data_parallel_matches_single_device():
     out = json.loads(run.stdout.strip().splitlines()[-1])
     single, parallel = out["single"], out["data_parallel"]
     assert out["devices"] == 2
-    assert single["zeros"] == parallel["zeros"] and parallel["zeros"] == parallel["zeros_after"]
+    kept = np.array(parallel["zeros_after"])[np.array(parallel["zeros"])]
+    assert single["zeros"] == parallel["zeros"] and kept.all()  # every zero kept
     assert parallel["unique"] <= 4
     np.testing.assert_allclose(single["kernel"], parallel["kernel"], atol=1e-4)

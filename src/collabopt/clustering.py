@@ -4,7 +4,10 @@ Each forward pass assigns every weight to its nearest centroid by a sorted-bound
 (1-D ``searchsorted`` per tensor, k-1 comparisons per channel), so memory stays linear in the
 weight count. The assignment follows the float weights during fine-tuning through a
 straight-through gradient, and the centroids train too. With sparsity preserved the zeros are
-masked out of the assignment and pinned at exactly 0, leaving k-1 free centroids.
+masked out of the assignment and pinned at exactly 0, leaving k-1 free centroids; 0 stays one
+of the k values a surviving weight may take (as in tfmot), so a survivor near the pruning
+threshold can join the zeros instead of being forced onto a far centroid. With k-1 values for
+the survivors, the MNIST CNN at 75 % sparsity and 4 clusters lost 0.5 points against tfmot.
 """
 
 from __future__ import annotations
@@ -123,13 +126,15 @@ class ClusterWeights(Transform):
             self.mask.assign(nonzero.astype("float32"))
 
     def apply(self, w, training=False):
-        c = ops.take_along_axis(self.centroids, ops.argsort(self.centroids, axis=-1), axis=-1)
-        c = ops.cast(c, w.dtype)
+        c = self.centroids
+        if self.preserve_sparsity:  # the pinned 0 is a value the surviving weights may take
+            c = ops.concatenate([c, ops.zeros((ops.shape(c)[0], 1), c.dtype)], axis=-1)
+        c = ops.cast(ops.take_along_axis(c, ops.argsort(c, axis=-1), axis=-1), w.dtype)
         bounds = (c[:, 1:] + c[:, :-1]) / 2
         if self.per_channel:
             w2 = registry.channels_first_2d(w, self.channel_axes)
             idx = ops.zeros(ops.shape(w2), "int32")
-            for j in range(self.free_centroids - 1):
+            for j in range(self.clusters - 1):
                 idx = idx + ops.cast(w2 > bounds[:, j:j + 1], "int32")
             q2 = ops.take_along_axis(c, idx, axis=-1)
             q = registry.from_channels_first_2d(q2, w.shape, self.channel_axes)

@@ -55,7 +55,7 @@ train(scheduled)
 k = co.strip(pcqat).get_layer("pw").kernel.numpy()
 print(json.dumps({
     "kernel": k.tolist(), "unique": int(np.unique(k).size),
-    "zeros_kept": bool(np.array_equal(k == 0, pruned.get_layer("pw").kernel.numpy() == 0)),
+    "zeros_kept": bool(np.all(k[pruned.get_layer("pw").kernel.numpy() == 0] == 0)),
     "mask": scheduled.get_layer("pw").transforms[0].mask.numpy().tolist(),
     "sparsity": float(np.mean(co.strip(scheduled).get_layer("pw").kernel.numpy() == 0)),
     "step": int(scheduled.get_layer("pw").step.numpy())}))
