@@ -6,8 +6,9 @@ weight count. The assignment follows the float weights during fine-tuning throug
 straight-through gradient, and the centroids train too. With sparsity preserved the zeros are
 masked out of the assignment and pinned at exactly 0, leaving k-1 free centroids; 0 stays one
 of the k values a surviving weight may take (as in tfmot), so a survivor near the pruning
-threshold can join the zeros instead of being forced onto a far centroid. With k-1 values for
-the survivors, the MNIST CNN at 75 % sparsity and 4 clusters lost 0.5 points against tfmot.
+threshold can join the zeros instead of being forced onto a far centroid. With only k-1 values
+for the survivors, the MNIST CNN at 75 % sparsity and 4 clusters lost 0.45-0.6 points to
+tfmot; with 0 among them, 0.03-0.05 (three seeds, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
