@@ -12,11 +12,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from collabopt.core.rewrite import LayerSelector, layer_matcher
-
-
-def _host(layer):
-    return getattr(layer, "layer", layer)  # an OptimizedLayer's own layer holds the bias
+from collabopt.core.rewrite import LayerSelector, host_layer, layer_matcher
 
 
 def _channel_means(model: keras.Model, name: str, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -24,7 +20,7 @@ def _channel_means(model: keras.Model, name: str, x: np.ndarray, batch_size: int
     there; after a ReLU a mean no longer moves one for one with it). One layer per pass: the
     swap must not reach the layers that feed it, so several outputs cannot share a probe."""
     layer = model.get_layer(name)
-    host = _host(layer)
+    host = host_layer(layer)
     activation = getattr(host, "activation", None)
     if activation is not None:
         host.activation = keras.activations.linear
@@ -59,8 +55,9 @@ def correct_bias(model: keras.Model, reference: keras.Model, x: np.ndarray,
         raise ValueError(f"layers= names {sorted(missing)}, which the model does not have")
     corrected = []
     for layer in model.layers:
-        bias = getattr(_host(layer), "bias", None)
-        if bias is None or layer.name not in known or (match and not match(_host(layer))):
+        host = host_layer(layer)
+        bias = getattr(host, "bias", None)
+        if bias is None or layer.name not in known or (match and not match(host)):
             continue
         shift = (_channel_means(reference, layer.name, x, batch_size)
                  - _channel_means(model, layer.name, x, batch_size))

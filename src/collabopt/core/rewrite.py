@@ -222,7 +222,7 @@ def apply_to_model(
         if not selected:
             return None
         explicit = match is not None and selected != "soft"
-        base = layer.layer if isinstance(layer, OptimizedLayer) else layer
+        base = host_layer(layer)
         specs = registry.weight_specs(base)
         if specs is None and wrap_other is not None:
             other = wrap_other(layer)
@@ -286,6 +286,11 @@ def wrap(layer: keras.layers.Layer, chains: dict, **options) -> OptimizedLayer:
     new.build(input_shape(layer))
     new.initialize_transforms()
     return new
+
+
+def host_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """The Keras layer that holds the weights: the wrapped one for an OptimizedLayer."""
+    return layer.layer if isinstance(layer, OptimizedLayer) else layer
 
 
 def input_shape(layer: keras.layers.Layer):
