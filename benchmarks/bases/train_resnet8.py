@@ -1,0 +1,127 @@
+"""Train the ResNet-8 benchmark base (MLPerf Tiny shape) on the full CIFAR-10 JPEG copy.
+
+MLPerf Tiny's recipe: Adam 1e-3 decayed 0.99 per epoch, batch 32, rotation 15 deg, shifts 0.1,
+horizontal flips, L2 1e-4 (in ``co.models.resnet8``). Resumable: every epoch writes
+``resnet8_cifar10.ckpt.keras`` (weights and optimizer state) and appends one line to
+``resnet8_cifar10.log``; run the same command again to continue. The best test accuracy's
+weights are kept as ``resnet8_cifar10.keras``, the base the benchmarks fine-tune from.
+
+    python benchmarks/bases/train_resnet8.py --epochs 200            # resume or start
+    KERAS_BACKEND=jax python benchmarks/bases/train_resnet8.py --time  # seconds per step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CKPT = HERE / "resnet8_cifar10.ckpt.keras"
+BEST = HERE / "resnet8_cifar10.keras"
+LOG = HERE / "resnet8_cifar10.log"
+STATE = HERE / "resnet8_cifar10.json"
+
+
+def augment(images, seed):
+    """Rotation up to 15 deg, shifts up to 10 %, horizontal flips, nearest fill: plain TF
+    ops, so the pipeline runs under any Keras backend."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    h = w = 32.0
+
+    def uniform(k, lo, hi):
+        return tf.random.stateless_uniform([n], tf.stack([seed, k]), lo, hi)
+
+    angle = uniform(0, -15.0, 15.0) * np.pi / 180
+    dx, dy = uniform(1, -0.1, 0.1) * w, uniform(2, -0.1, 0.1) * h
+    flip = tf.cast(uniform(3, 0.0, 1.0) < 0.5, tf.float32)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    sx = 1.0 - 2.0 * flip  # x -> -x about the centre when flipped
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    # output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2)
+    a0, a1 = cos * sx, -sin
+    b0, b1 = sin * sx, cos
+    a2 = cx - a0 * cx - a1 * cy - dx
+    b2 = cy - b0 * cx - b1 * cy - dy
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=[32, 32], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="NEAREST")
+
+
+def batches(x, y, batch, epoch):
+    """One epoch of shuffled, augmented batches (numpy in, numpy out: any backend)."""
+    import tensorflow as tf
+
+    order = np.random.default_rng(epoch).permutation(len(x))
+    ds = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch)
+    ds = ds.enumerate().map(lambda i, xy: (augment(xy[0], epoch * 100_000 + i), xy[1]))
+    return ds.prefetch(2).as_numpy_iterator(), int(np.ceil(len(x) / batch))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=200, help="total epochs (resumes)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--time", action="store_true", help="time 50 steps and exit")
+    args = ap.parse_args(argv)
+
+    import keras
+
+    import collabopt as co
+
+    (x, y), (xt, yt) = co.datasets.cifar10()
+    state = json.loads(STATE.read_text()) if STATE.exists() and CKPT.exists() else \
+        {"epoch": 0, "best": 0.0, "seconds": 0.0}
+    if CKPT.exists():
+        model = keras.models.load_model(CKPT)
+    else:
+        keras.utils.set_random_seed(0)
+        model = co.models.resnet8()
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+    if args.time:
+        it, _ = batches(x[:50 * args.batch], y[:50 * args.batch], args.batch, 0)
+        first = next(it)
+        model.train_on_batch(*first)
+        t = time.perf_counter()
+        for xb, yb in it:
+            model.train_on_batch(xb, yb)
+        per = (time.perf_counter() - t) / 49
+        print(f"{keras.backend.backend()}: {per * 1000:.1f} ms/step at batch {args.batch}, "
+              f"{per * len(x) / args.batch / 60:.1f} min/epoch")
+        return
+    while state["epoch"] < args.epochs:
+        epoch = state["epoch"]
+        model.optimizer.learning_rate.assign(1e-3 * 0.99 ** epoch)
+        t = time.perf_counter()
+        it, steps = batches(x, y, args.batch, epoch)
+        model.fit(it, steps_per_epoch=steps, epochs=1, verbose=2)
+        loss, acc = model.evaluate(xt, yt, batch_size=500, verbose=0)
+        state["seconds"] += time.perf_counter() - t
+        state["epoch"] = epoch + 1
+        if acc > state["best"]:
+            state["best"] = float(acc)
+            model.save(str(BEST) + ".tmp.keras")
+            os.replace(str(BEST) + ".tmp.keras", BEST)
+        model.save(str(CKPT) + ".tmp.keras")
+        os.replace(str(CKPT) + ".tmp.keras", CKPT)
+        STATE.write_text(json.dumps(state, indent=1))
+        with LOG.open("a") as f:
+            f.write(f"epoch {epoch + 1} test_acc {acc:.4f} test_loss {loss:.4f} "
+                    f"best {state['best']:.4f} lr {1e-3 * 0.99 ** epoch:.2e} "
+                    f"hours {state['seconds'] / 3600:.2f} backend {keras.backend.backend()} "
+                    f"host {platform.node()} cpus {os.cpu_count()}\n")
+
+
+if __name__ == "__main__":
+    main()
