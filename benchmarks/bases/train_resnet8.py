@@ -64,7 +64,7 @@ def batches(x, y, batch, epoch):
     order = np.random.default_rng(epoch).permutation(len(x))
     ds = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch)
     ds = ds.enumerate().map(lambda i, xy: (augment(xy[0], epoch * 100_000 + i), xy[1]))
-    return ds.prefetch(2).as_numpy_iterator(), int(np.ceil(len(x) / batch))
+    return (b for b in ds.prefetch(2).as_numpy_iterator()), int(np.ceil(len(x) / batch))
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ _API = {
     "PolynomialDecay": "pruning",
     "cluster": "clustering",
     "quantize": "quantization",
-    "fold_batchnorm": "quantization",
+    "fold_batchnorm": "batchnorm",
     "correct_bias": "bias_correction",
     "strip": "core.rewrite",
     "export_tflite": "export",
@@ -40,7 +40,7 @@ _registration.install()  # wrapped .keras files load with plain keras.models.loa
 
 
 _SUBMODULES = {"models", "datasets", "pruning", "clustering", "quantization", "export",
-               "inspection", "vela", "plots", "report", "tree", "cli", "core"}
+               "inspection", "batchnorm", "vela", "plots", "report", "tree", "cli", "core"}
 
 
 def __getattr__(name: str):

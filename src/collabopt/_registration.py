@@ -21,7 +21,7 @@ CLASSES = {
     "PruneMask": "collabopt.pruning",
     "ClusterWeights": "collabopt.clustering",
     "WeightFakeQuant": "collabopt.quantization",
-    "FoldedBatchNorm": "collabopt.quantization",
+    "FoldedBatchNorm": "collabopt.batchnorm",
 }
 
 

@@ -17,9 +17,18 @@ import keras
 import numpy as np
 from keras import ops
 
+from collabopt.batchnorm import _bn_pairs, _fold_where, holds_batchnorm
 from collabopt.core import registry, structure
-from collabopt.core.rewrite import LayerSelector, apply_to_model, current_weight
+from collabopt.core.rewrite import (
+    LayerSelector,
+    apply_to_model,
+    current_weight,
+    host_layer,
+    iter_layers,
+    layer_matcher,
+)
 from collabopt.core.transform import Transform
+from collabopt.core.wrapper import OptimizedLayer
 
 INITS = ("kmeans++", "linear", "density", "random", "kmeans1d")
 
@@ -168,6 +177,9 @@ def _check(clusters, init, preserve_sparsity):
                          f"got {preserve_sparsity!r}")
 
 
+BATCHNORM = ("fold", "keep")
+
+
 def cluster(
     model: keras.Model,
     clusters: int,
@@ -176,6 +188,7 @@ def cluster(
     preserve_sparsity: bool | None = None,
     layers: LayerSelector = None,
     verbose: bool = True,
+    batchnorm: str = "fold",
 ) -> keras.Model:
     """Return a copy of ``model`` whose selected kernels share ``clusters`` values (per tensor,
     or per output channel), trainable with plain ``fit``; :func:`collabopt.strip` it after.
@@ -185,15 +198,33 @@ def cluster(
     :func:`collabopt.export_tflite` give one scale: there a per-channel codebook buys nothing
     against batch-norm folding and multiplies the values the file holds (MNIST CNN: Vela
     weights 1.3-1.6x tfmot's with every kernel per channel).
+
+    Batch norm: the converter folds a BN into the kernel before it, rescaling each output
+    channel, which a per-tensor codebook does not survive. ``batchnorm="fold"`` (default)
+    therefore folds each BN behind a per-tensor-clustered kernel first (said in the summary);
+    a kernel inside a user's layer that also holds a BN, out of our reach to fold, is
+    clustered per channel, where the fold is exact. ``"keep"`` leaves every BN in place and
+    refuses a per-tensor codebook behind one.
     """
     _check(clusters, init, preserve_sparsity)
     if per_channel not in (True, False, "auto"):
         raise ValueError(f"per_channel must be True, False or \"auto\", got {per_channel!r}")
+    if batchnorm not in BATCHNORM:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
+
+    def channelwise(spec) -> bool:
+        return spec.int8_per_channel if per_channel == "auto" else bool(per_channel)
+
+    model, notes = _fold_behind_per_tensor(model, layers, channelwise, batchnorm)
 
     def make_chains(layer, specs, explicit):
         chains = {}
+        nested_bn = holds_batchnorm(host_layer(layer))
         for s in specs:
-            channelwise = s.int8_per_channel if per_channel == "auto" else per_channel
+            per_ch = channelwise(s) or nested_bn
+            if per_ch and not channelwise(s):
+                notes.append(f"{layer.name}: {s.name} per channel (a batch norm inside "
+                             f"{type(host_layer(layer)).__name__} is folded by the converter)")
             w = current_weight(layer, s.name)
             found = structure.detect(w, s.channel_axes)
             keep_zeros = found.sparse if preserve_sparsity is None else preserve_sparsity
@@ -201,12 +232,47 @@ def cluster(
                 return "needs clusters >= 3 to keep its zeros"
             free = clusters - 1 if keep_zeros else clusters
             distinct = np.unique(w[w != 0] if keep_zeros else w).size
-            if not channelwise and distinct <= free:
+            if not per_ch and distinct <= free:
                 return (f"{s.name} has only {distinct} distinct values, not more than "
                         f"clusters={clusters}: nothing to cluster")
             chains[s.name] = [ClusterWeights(
-                clusters, init=init, per_channel=channelwise, preserve_sparsity=keep_zeros,
+                clusters, init=init, per_channel=per_ch, preserve_sparsity=keep_zeros,
                 channel_axes=s.channel_axes, reduction_axes=s.reduction_axes)]
         return chains
 
-    return apply_to_model(model, "cluster", make_chains, layers=layers, verbose=verbose)
+    result = apply_to_model(model, "cluster", make_chains, layers=layers, verbose=verbose)
+    if verbose and notes:
+        print("collabopt.cluster: " + "; ".join(notes))
+    return result
+
+
+def _fold_behind_per_tensor(model, layers, channelwise, batchnorm):
+    """Fold the batch norms behind selected per-tensor-clustered kernels (``"fold"``), or
+    refuse them with the fix; returns the model and what was done, for the summary."""
+    match, _ = layer_matcher(layers)
+
+    def per_tensor(producer) -> bool:
+        specs = registry.weight_specs(host_layer(producer)) or ()
+        selected = match is None or match(producer)
+        return bool(selected) and any(not channelwise(s) for s in specs)
+
+    producers = {id(layer): layer for layer in iter_layers(model)}
+    behind = {k: bn for k, bn in _bn_pairs(model, wrapped=True).items()
+              if per_tensor(producers[k])}
+    if not behind:
+        return model, []
+    names = ", ".join(f"{bn.name!r} behind {producers[k].name!r}" for k, bn in behind.items())
+    wrapped = [producers[k].name for k in behind if isinstance(producers[k], OptimizedLayer)]
+    if batchnorm == "keep" or wrapped:
+        why = (f"layers {wrapped} are already wrapped; call collabopt.strip(model) first so "
+               "they can be folded" if wrapped and batchnorm == "fold" else
+               "or pass batchnorm=\"fold\" (folds them first)")
+        raise ValueError(
+            f"collabopt.cluster: per-tensor codebooks would not survive export behind batch "
+            f"norm ({names}): the converter folds each BN into the kernel, rescaling its "
+            f"channels. Cluster those per channel (per_channel=True or \"auto\"), {why}.")
+    folded = _fold_where(model, lambda producer: id(producer) in behind)
+    pairs = [f"{bn.name} -> {producers[k].name}" for k, bn in behind.items()]
+    shown = ", ".join(pairs[:3]) + (f", ... ({len(pairs)} in all)" if len(pairs) > 3 else "")
+    return folded, [f"folded batch norm into the kernel before it first ({shown}): per-tensor "
+                    "codebooks survive the converter only on folded kernels"]

@@ -86,19 +86,20 @@ def _input_signature(model):
     return [tf.TensorSpec((1, *t.shape[1:]), tf.float32) for t in model.inputs]
 
 
-def _dense_codebook_per_tensor(model) -> bool:
-    """Whether a Dense-like kernel (one int8 scale in QAT files) holds a per-tensor codebook."""
+def _codebooks_per_tensor(model) -> tuple[bool, bool]:
+    """Whether a per-tensor codebook sits in a kernel that post-training conversion would
+    scale per channel: (a conv-like one, a Dense-like one)."""
     from collabopt.core import registry, structure
     from collabopt.core.rewrite import iter_layers
 
+    conv = dense = False
     for layer in iter_layers(model):
         for spec in registry.weight_specs(layer) or ():
-            if spec.int8_per_channel:
-                continue
             w = registry.find_variable(layer, spec.name).numpy()
             if structure.detect(w, spec.channel_axes).clustered_per_tensor:
-                return True
-    return False
+                conv |= spec.int8_per_channel
+                dense |= not spec.int8_per_channel
+    return conv, dense
 
 
 def _shorten_tensor_names(flatbuffer: bytes) -> bytes:
@@ -144,7 +145,7 @@ def export_tflite(
     path: str | os.PathLike,
     representative_data: np.ndarray | Iterable[np.ndarray] | None = None,
     quantization: str = "int8",
-    per_channel_weights: bool = True,
+    per_channel_weights: bool | None = None,
     max_calibration_samples: int = 300,
     short_tensor_names: bool = True,
 ) -> Path:
@@ -152,10 +153,11 @@ def export_tflite(
 
     ``quantization="int8"``: int8 weights, activations, input and output, builtin ops only.
     Post-training int8 needs ``representative_data``; a QAT model uses its learned ranges.
-    ``per_channel_weights=False`` asks post-training quantization for one scale per tensor,
-    which keeps a per-tensor codebook intact in the file. With per-channel weights, Dense
-    kernels that hold a per-tensor codebook (``co.cluster(per_channel="auto")``) still get one
-    scale, as QAT gives them, so their codebook survives too.
+    Weight scales of post-training int8: ``per_channel_weights=None`` (default) keeps every
+    codebook it finds: one scale per tensor for all weights when a conv kernel holds a
+    per-tensor codebook (the converter's switch is global), per channel otherwise; a Dense
+    kernel with a per-tensor codebook (``co.cluster(per_channel="auto")``) gets one scale in
+    either case, as QAT gives it. ``True`` / ``False`` force per channel / per tensor.
 
     ``short_tensor_names``: the converter names a fused tensor after every op folded into it
     ("m/relu/Relu;m/bn/batchnorm/add_1;m/conv/convolution;..."), 3-4 % of a small int8 file.
@@ -199,9 +201,13 @@ def export_tflite(
                 converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
+            conv_codebook, dense_codebook = (_codebooks_per_tensor(plain) if gen is not None
+                                             else (False, False))
+            if per_channel_weights is None:
+                per_channel_weights = not conv_codebook
             if not per_channel_weights:
                 converter._experimental_disable_per_channel = True
-            elif gen is not None and _dense_codebook_per_tensor(plain):
+            elif dense_codebook:
                 # post-training conversion scales FULLY_CONNECTED weights per channel, which
                 # would multiply a Dense codebook's values; convs stay per channel
                 converter._experimental_disable_per_channel_quantization_for_dense_layers = True

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import keras
 
 from collabopt.core import registry
-from collabopt.core.wrapper import OptimizedLayer
+from collabopt.core.wrapper import OptimizedLayer, build_by_calling
 
 LayerSelector = str | type | Callable[[keras.layers.Layer], bool] | Iterable[str | type] | None
 
@@ -36,8 +36,29 @@ def copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
         build_config = layer.get_build_config()
         if build_config:
             new.build_from_config(build_config)
+        if len(new.weights) != len(layer.weights):
+            _build_by_calling(new, layer)
         new.set_weights(layer.get_weights())
     return new
+
+
+def _build_by_calling(new: keras.layers.Layer, layer: keras.layers.Layer) -> None:
+    """Build a copy whose ``build`` does not create its sublayers' weights (a user's block
+    that builds them on first call) by calling it on symbolic inputs like the original's."""
+    shapes = (layer.get_build_config() or {}).get("input_shape")
+    if shapes is not None:
+        args = keras.tree.map_shape_structure(lambda s: keras.KerasTensor(s), shapes)
+        args, kwargs = ((args,) if not isinstance(args, list) else tuple(args)), {}
+    elif layer._inbound_nodes:
+        node = layer._inbound_nodes[0]
+        args, kwargs = keras.tree.map_structure(
+            lambda t: keras.KerasTensor(t.shape, t.dtype) if isinstance(t, keras.KerasTensor)
+            else t, (node.arguments.args, node.arguments.kwargs))
+    else:
+        raise ValueError(
+            f"cannot copy layer {layer.name!r} ({type(layer).__name__}): its build() does "
+            "not create its weights and it was never called; call the model on data first")
+    build_by_calling(new, *args, **kwargs)
 
 
 def ensure_built(model: keras.Model) -> None:
@@ -94,25 +115,62 @@ def rewrite(model: keras.Model,
             inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype,
                                   name=t._keras_history.operation.name) for t in model.inputs]
             inputs = inputs[0] if len(inputs) == 1 else inputs
-        out = keras.models.clone_model(model, clone_function=clone, recursive=False,
-                                       input_tensors=inputs)
+        compiled = getattr(model, "compiled", False)
+        model.compiled = False  # clone_model would re-compile the copy, failing on lambdas
+        try:
+            out = keras.models.clone_model(model, clone_function=clone, recursive=False,
+                                           input_tensors=inputs)
+        finally:
+            model.compiled = compiled
         if not out.built and model.built:
             out.build_from_config(model.get_build_config())
+        _compile_like(out, model)
         return out
     return _rewrite_subclassed(model, clone)
+
+
+def _new_instance(model: keras.Model) -> keras.Model:
+    """A fresh instance of a subclassed model's class: from its config, or, for the common
+    ``def __init__(self): super().__init__()`` without ``get_config``, from the constructor
+    arguments Keras recorded (none for that pattern)."""
+    cls = model.__class__
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        return keras.saving.deserialize_keras_object(
+            config, custom_objects={cls.__name__: cls})
+    except Exception as err:  # noqa: BLE001 - try the constructor, then say what to do
+        first = err
+    import inspect
+
+    auto = getattr(model, "_auto_config", None)
+    recorded = dict(getattr(auto, "config", None) or {})
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    args = {k: v for k, v in recorded.items() if takes_any or k in params}
+    try:
+        return cls(**args)
+    except Exception as err:  # noqa: BLE001 - we re-raise with the fix the user needs
+        raise ValueError(
+            f"cannot copy subclassed model {cls.__name__}: neither its config ({first}) nor "
+            f"{cls.__name__}({', '.join(args)}) builds a new one ({err}). Give it "
+            "get_config() returning its constructor arguments.") from err
+
+
+def _compile_like(new: keras.Model, model: keras.Model) -> None:
+    """Compile the copy as the original was when its compile settings serialize; a copy of
+    a model compiled with a lambda or an unregistered loss is returned uncompiled."""
+    if not getattr(model, "compiled", False):
+        return
+    try:
+        new.compile_from_config(model.get_compile_config())
+    except Exception:  # noqa: BLE001 - any failure here only means "compile it yourself"
+        new.compiled = False
 
 
 def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
     """Rebuild a subclassed model from its config, then put a clone of each layer the
     original holds as an attribute (or in a list attribute) in the same place."""
-    try:
-        config = keras.saving.serialize_keras_object(model)
-        new = keras.saving.deserialize_keras_object(
-            config, custom_objects={model.__class__.__name__: model.__class__})
-    except Exception as err:  # noqa: BLE001 - we re-raise with the fix the user needs
-        raise ValueError(
-            f"cannot copy subclassed model {type(model).__name__}: it must implement "
-            f"get_config()/from_config() ({err})") from err
+    new = _new_instance(model)
     cache: dict[int, keras.layers.Layer] = {}
     replaced: dict[int, keras.layers.Layer] = {}
 
@@ -136,6 +194,7 @@ def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
             object.__setattr__(new, attr, items)
     new._layers[:] = [replaced.get(id(layer), layer) for layer in new._layers]
     new.built = True
+    _compile_like(new, model)
     return new
 
 

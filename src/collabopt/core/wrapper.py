@@ -15,6 +15,14 @@ from collabopt.core import registry
 from collabopt.core.transform import Transform
 
 
+def build_by_calling(layer: keras.layers.Layer, *args, **kwargs) -> None:
+    """Build ``layer`` by calling it on symbolic inputs (``keras.KerasTensor``): what builds
+    the sublayers of a layer whose own ``build`` does not."""
+    from keras.src.backend import compute_output_spec
+
+    compute_output_spec(layer.__call__, *args, **kwargs)
+
+
 @keras.saving.register_keras_serializable(package="collabopt")
 class ActivationRange(keras.layers.Layer):
     """Fake-quantizes activations to int8 with an EMA of their observed range.
@@ -92,10 +100,13 @@ class OptimizedLayer(keras.layers.Layer):
     def build(self, input_shape):
         if not self.layer.built:
             self.layer.build(input_shape)
+        if not all(registry.has_weight(self.layer, name) for name in self.chains):
+            # a user's block whose build() leaves its sublayers to the first call
+            build_by_calling(self.layer, keras.KerasTensor(input_shape))
         self._targets = {}
         for name, chain in self.chains.items():
-            var = registry.find_variable(self.layer, name)
-            self._targets[name] = (var, registry.variable_attribute(self.layer, var))
+            owner, attr, var = registry.locate(self.layer, name)
+            self._targets[name] = (var, owner, attr)
             for t in chain:
                 if not t.built:
                     t.build_for(var.shape)
@@ -134,7 +145,7 @@ class OptimizedLayer(keras.layers.Layer):
             w = t.apply(w, training=training)
         return w
 
-    def call(self, inputs, training=None, **kwargs):
+    def call(self, inputs, *args, training=None, **kwargs):
         training = bool(training)
         if self.input_range is not None:
             inputs = self.input_range(inputs, training=training)
@@ -143,24 +154,21 @@ class OptimizedLayer(keras.layers.Layer):
             swapped[name] = self.transformed_weight(name, training=training)
         if training:
             self.step.assign_add(1)
-        originals = {}
+        originals = []
         try:
             for name, tensor in swapped.items():
-                var, attr = self._targets[name]
-                originals[attr] = var
+                var, owner, attr = self._targets[name]
+                originals.append((owner, attr, var))
                 # mixed precision: the host expects its kernel in its compute dtype
-                tensor = ops.cast(tensor, self.layer.compute_dtype)
-                object.__setattr__(self.layer, attr, tensor)
-            outputs = self.layer(inputs, **kwargs)
+                tensor = ops.cast(tensor, owner.compute_dtype)
+                object.__setattr__(owner, attr, tensor)
+            outputs = self.layer(inputs, *args, **kwargs)
         finally:
-            for attr, var in originals.items():
-                object.__setattr__(self.layer, attr, var)
+            for owner, attr, var in originals:
+                object.__setattr__(owner, attr, var)
         if self.output_range is not None:
             outputs = self.output_range(outputs, training=training)
         return outputs
-
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
 
     # --- serialization -------------------------------------------------------------------
     def get_config(self):
