@@ -279,6 +279,9 @@ def cifar10(train_path: str | os.PathLike | None = None,
             limit_per_class: int | None = None) -> Split:
     """CIFAR-10 from the JPEG archives: x (N, 32, 32, 3) float32 in [0, 1], 10 classes.
 
+    Training images that also appear in the test archive are dropped (the shared train
+    archive contains every test image: 60,000 -> 50,000).
+
     ``limit_per_class`` reads only the first n images of each class (quick runs and tests).
     """
     train_path = Path(train_path) if train_path else SHARED_DATA / "cifar10_train_jpg.tgz"
@@ -288,8 +291,14 @@ def cifar10(train_path: str | os.PathLike | None = None,
                  "cifar10_{train,test}_jpg.tgz in this workspace (pass their paths).")
 
     def build():
-        return _read_jpegs(train_path, limit_per_class), _read_jpegs(test_path, limit_per_class)
+        (xtr, ytr), test = (_read_jpegs(train_path, limit_per_class),
+                            _read_jpegs(test_path, limit_per_class))
+        # the shared train archive holds 60,000 images: the 10,000 test images are among
+        # them, byte for byte. Training on them would measure memorisation.
+        seen = {hashlib.sha1(img.tobytes()).digest() for img in test[0]}
+        keep = np.array([hashlib.sha1(img.tobytes()).digest() not in seen for img in xtr])
+        return (xtr[keep], ytr[keep]), test
 
-    (xtr, ytr), (xte, yte) = _cached(train_path, f"cifar10|{test_path.resolve()}|"
+    (xtr, ytr), (xte, yte) = _cached(train_path, f"cifar10-dedup|{test_path.resolve()}|"
                                      f"{test_path.stat().st_size}|{limit_per_class}", build)
     return (xtr.astype(np.float32) / 255, ytr), (xte.astype(np.float32) / 255, yte)
