@@ -51,8 +51,11 @@ def test_verify_catches_destroyed_codebook(tmp_path, exported, digits):
     (x, _), _ = digits
     files, clustered = exported
     co.verify(files["clustered"], clustered)
+    default = co.export_tflite(clustered, tmp_path / "default.tflite",
+                               representative_data=x[:100])
+    co.verify(default, clustered)  # the default finds the per-tensor codebooks and keeps them
     broken = co.export_tflite(clustered, tmp_path / "broken.tflite",
-                              representative_data=x[:100])  # per-channel scales
+                              representative_data=x[:100], per_channel_weights=True)
     with pytest.raises(co.VerificationError, match="unique per tensor grew") as err:
         co.verify(broken, clustered)
     assert "conv2.kernel" in str(err.value)

@@ -19,6 +19,8 @@ _API = {
     "fold_batchnorm": "batchnorm",
     "correct_bias": "bias_correction",
     "strip": "core.rewrite",
+    "register_layer": "core.registry",
+    "WeightSpec": "core.registry",
     "export_tflite": "export",
     "inspect": "inspection",
     "verify": "inspection",
@@ -40,7 +42,7 @@ _registration.install()  # wrapped .keras files load with plain keras.models.loa
 
 
 _SUBMODULES = {"models", "datasets", "pruning", "clustering", "quantization", "export",
-               "inspection", "batchnorm", "vela", "plots", "report", "tree", "cli", "core"}
+               "inspection", "batchnorm", "vela", "plots", "report", "tree", "cli", "core", "zoo"}
 
 
 def __getattr__(name: str):

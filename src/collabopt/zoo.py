@@ -69,7 +69,7 @@ class SubclassedNet(keras.Model):
         self.pool = layers.GlobalAveragePooling2D()
         self.head = layers.Dense(CLASSES)
 
-    def call(self, x):
+    def call(self, x, training=None):  # without it Keras runs every layer in inference mode
         return self.head(self.pool(self.conv(x)))
 
 

@@ -8,6 +8,7 @@ result is a fresh copy carrying the same weights.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -171,6 +172,11 @@ def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
     """Rebuild a subclassed model from its config, then put a clone of each layer the
     original holds as an attribute (or in a list attribute) in the same place."""
     new = _new_instance(model)
+    if not getattr(model, "_call_has_training_arg", True):
+        warnings.warn(
+            f"{type(model).__name__}.call takes no `training` argument, so Keras runs its "
+            "layers in inference mode during fit: pruning masks and QAT ranges would never "
+            "update. Add `training=None` to its call signature.", stacklevel=3)
     cache: dict[int, keras.layers.Layer] = {}
     replaced: dict[int, keras.layers.Layer] = {}
 
@@ -244,7 +250,16 @@ class Summary:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        skipped = ", ".join(f"{n} ({why})" for n, why in self.skipped.items()) or "none"
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.skipped.items():
+            by_reason.setdefault(why, []).append(name)
+        def group(why, names):
+            if len(names) == 1:
+                return f"{names[0]} ({why})"
+            more = ", ..." if len(names) > 3 else ""
+            return f"{len(names)} layers ({why}: {', '.join(names[:3])}{more})"
+
+        skipped = ", ".join(group(why, names) for why, names in by_reason.items()) or "none"
         return (f"collabopt.{self.action}: wrapped {len(self.wrapped)} layer(s) "
                 f"[{', '.join(self.wrapped)}]; skipped: {skipped}")
 
