@@ -274,3 +274,72 @@ def test_custom_block_copies_and_loads_when_nothing_inside_is_optimized(tmp_path
     loaded = keras.models.load_model(tmp_path / "p.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), pruned.predict(x, verbose=0),
                                atol=1e-5)
+
+
+def test_attention_projection_axes_follow_the_equation():
+    """Per-channel codebooks and m:n groups of MHA kernels lie along the right axes: the
+    query kernel (dim, heads, key_dim) outputs heads x key_dim channels, the output kernel
+    (heads, key_dim, dim) sums over heads and key_dim."""
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    x = keras.Input((5, 8))
+    mha(x, x)
+    specs = {s.name: s for s in registry.weight_specs(mha)}
+    assert (specs["_query_dense.kernel"].channel_axes,
+            specs["_query_dense.kernel"].reduction_axes) == ((-2, -1), (0,))
+    assert (specs["_output_dense.kernel"].channel_axes,
+            specs["_output_dense.kernel"].reduction_axes) == ((-1,), (0, 1))
+
+
+@keras.saving.register_keras_serializable(package="test_zoo")
+class AttentionBlock(keras.layers.Layer):
+    """A user's transformer block two levels deep: attention, a norm, and a block that
+    itself holds layers."""
+
+    def __init__(self, dim=8, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.attention = keras.layers.MultiHeadAttention(2, dim // 2)
+        self.norm = keras.layers.LayerNormalization()
+        self.ffn = Feedforward(dim)
+
+    def call(self, x):
+        return self.ffn(self.norm(x + self.attention(x, x)))
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+@keras.saving.register_keras_serializable(package="test_zoo")
+class Feedforward(keras.layers.Layer):
+    def __init__(self, dim=8, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.layers_ = [keras.layers.Dense(2 * dim, activation="relu"), keras.layers.Dense(dim)]
+
+    def call(self, x):
+        for layer in self.layers_:
+            x = layer(x)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+def test_layers_nested_two_deep_in_user_layers(tmp_path):
+    inp = keras.Input((6, 8))
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(
+        AttentionBlock(8, name="blk")(inp)))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 6, 8)).astype("float32"), rng.integers(0, 3, (4, 6))
+    clustered = fit(co.cluster(co.strip(co.prune(model, 0.5, verbose=False)), K,
+                               init="linear", verbose=False), x, y)
+    expect = {f"blk/attention._{p}_dense.kernel" for p in ("query", "key", "value", "output")}
+    expect |= {"blk/ffn.layers_.0.kernel", "blk/ffn.layers_.1.kernel"}
+    assert expect <= wrapped_weights(clustered)
+    clustered.save(tmp_path / "blk.keras")
+    loaded = keras.models.load_model(tmp_path / "blk.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), clustered.predict(x, verbose=0),
+                               atol=1e-5)
+    for key, (w, _) in kernels(co.strip(loaded)).items():
+        if key in expect:
+            assert np.unique(w).size <= K and (w == 0).mean() >= 0.45, key
