@@ -1,8 +1,10 @@
 """Model rewriting: copy a model with some layers replaced, whatever way it was built.
 
 Sequential and Functional models (nested ones included, shared layers kept shared) go
-through ``keras.models.clone_model``; subclassed models are rebuilt from their config and the
-layers held as attributes are swapped. The input model is never touched: every layer of the
+through ``keras.models.clone_model``; subclassed models are rebuilt from their config (or
+their constructor, for ``__init__(self)`` without ``get_config``) and the layers held as
+attributes are swapped. How the user compiled the model never matters: the copy is compiled
+the same way when that serializes, and returned uncompiled otherwise. The input model is never touched: every layer of the
 result is a fresh copy carrying the same weights.
 """
 
@@ -253,6 +255,7 @@ class Summary:
         by_reason: dict[str, list[str]] = {}
         for name, why in self.skipped.items():
             by_reason.setdefault(why, []).append(name)
+
         def group(why, names):
             if len(names) == 1:
                 return f"{names[0]} ({why})"
