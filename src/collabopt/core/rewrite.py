@@ -4,8 +4,8 @@ Sequential and Functional models (nested ones included, shared layers kept share
 through ``keras.models.clone_model``; subclassed models are rebuilt from their config (or
 their constructor, for ``__init__(self)`` without ``get_config``) and the layers held as
 attributes are swapped. How the user compiled the model never matters: the copy is compiled
-the same way when that serializes, and returned uncompiled otherwise. The input model is never touched: every layer of the
-result is a fresh copy carrying the same weights.
+the same way when that serializes, and returned uncompiled otherwise. The input model is
+never touched: every layer of the result is a fresh copy carrying the same weights.
 """
 
 from __future__ import annotations
