@@ -25,6 +25,7 @@ _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
 def _foldable(producer, bn, wrapped: bool = False) -> bool:
     """Whether the converter folds ``bn`` into ``producer`` (and so can we); ``wrapped``
     judges a wrapper by its host layer (it cannot be folded before a strip)."""
+    graph_layer = producer  # the one with the model's nodes (a wrapper's host has none)
     if isinstance(producer, OptimizedLayer):
         if not wrapped:
             return False
@@ -37,11 +38,11 @@ def _foldable(producer, bn, wrapped: bool = False) -> bool:
         return False
     if producer.get_config().get("activation", "linear") not in ("linear", None):
         return False
-    rank = len(producer.output.shape) if producer._inbound_nodes else None
+    rank = len(graph_layer.output.shape) if graph_layer._inbound_nodes else None
     axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
     if axis is None or (axis != -1 and (rank is None or axis != rank - 1)):
         return False
-    return len(producer._outbound_nodes) <= 1 and len(bn._inbound_nodes) <= 1
+    return len(graph_layer._outbound_nodes) <= 1 and len(bn._inbound_nodes) <= 1
 
 
 def _bn_pairs(model, wrapped: bool = False) -> dict[int, keras.layers.Layer]:
