@@ -91,6 +91,9 @@ def write_report(result, density_sources: dict | None = None) -> None:
     md = ["# collabopt deployment tree report\n", f"Targets: {_targets_text(result.targets)}.",
           "", rec, "", markdown_table(result.rows, result.baseline), "", f"({threads}; "
           "zipped = deflate, as the reference reports; Vela: ethos-u55-128)", ""]
+    failed = _failed_lines(result)
+    if failed:
+        md += ["## Failed leaves", "", *[f"- {line}" for line in failed], ""]
     for title, path in images.items():
         md += [f"## {title}", "", f"![{title}]({path.name})", ""]
     md += [f"- {n}" for n in result.notes]
@@ -99,6 +102,9 @@ def write_report(result, density_sources: dict | None = None) -> None:
             f"<p>Targets: {html.escape(_targets_text(result.targets))}.</p>",
             f"<p>{html.escape(rec).replace('**', '')}</p>", _html_table(result),
             f"<p><small>{html.escape(threads)}</small></p>"]
+    if failed:
+        body.append("<h2>Failed leaves</h2><ul>" + "".join(
+            f"<li>{html.escape(line)}</li>" for line in failed) + "</ul>")
     for title, path in images.items():
         data = base64.b64encode(path.read_bytes()).decode()
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
@@ -109,6 +115,13 @@ def write_report(result, density_sources: dict | None = None) -> None:
             "td:first-child{text-align:left}</style></head><body>" + "\n".join(body)
             + "</body></html>")
     result.report_html = _write(out / "report.html", page)
+
+
+def _failed_lines(result) -> list[str]:
+    lines = [f"{f['path']}: {f['error']}" for f in getattr(result, "failed", [])]
+    if lines:
+        lines.append("Running the same exploration again retries these and nothing else.")
+    return lines
 
 
 def _html_table(result) -> str:

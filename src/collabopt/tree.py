@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,7 @@ class ExploreResult:
     report_md: Path | None = None
     report_html: Path | None = None
     notes: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # leaves not built: path, node, error
 
     def table(self) -> list[dict]:
         """One row per leaf, the columns of the reference guide's table."""
@@ -332,13 +334,33 @@ class DeploymentTree:
                             _calibration_inputs(self.train, self.calibration_samples))
         return model
 
+    def _train_and_store(self, node: Node, parent_model, out: Path, log):
+        """Train ``node`` and checkpoint it atomically: a QAT model as it is, others stripped."""
+        import collabopt as co
+
+        model = self._train(node, parent_model, log)
+        stored = model if node.op == "qat" else co.strip(model)
+        _atomic_save(stored, out / "nodes" / f"{node.name}.keras")
+        return stored
+
     # -- exploring --
     def explore(self, out_dir: str | os.PathLike, paths: str | Sequence[str] = "all",
                 stop_when_met: bool = False, force: bool = False,
-                log: Callable[[str], None] = print) -> ExploreResult:
+                log: Callable[[str], None] = print, executor=None) -> ExploreResult:
+        """Train the nodes the chosen ``paths`` need, export and measure every leaf.
+
+        ``executor`` (a ``concurrent.futures.Executor``: ``ProcessPoolExecutor``, a Dask
+        client's ``get_executor()``, Ray's) trains every node whose parent is done as a
+        task of its own (``collabopt.parallel``): ``out_dir`` must be on a file system every
+        worker sees. A node that fails there fails its leaves alone, listed in
+        ``result.failed``; the run goes on, and a re-run trains only what is missing.
+        Leaves are always built here, one after another, so latencies are not measured on
+        a loaded machine.
+        """
         import keras
 
         import collabopt as co
+        from collabopt import parallel
         from collabopt.inspection import inspect, latency_ms, predict_tflite, verify
 
         out = Path(out_dir)
@@ -356,7 +378,16 @@ class DeploymentTree:
                 shutil.rmtree(out)
         (out / "nodes").mkdir(parents=True, exist_ok=True)
         (out / "leaves").mkdir(parents=True, exist_ok=True)
+        for partial in out.rglob("*.partial*"):  # left by a process killed mid-write
+            partial.unlink()
         _atomic_json(config_file, fingerprint)
+        node_failures: dict[str, str] = {}
+        if executor is not None:  # before any work: what cannot reach a worker fails now
+            parallel.prepare_run(self, out)
+
+        def train_in_parallel(leaves) -> None:
+            names = parallel.needed_nodes(self, {leaf.node for leaf in leaves})
+            node_failures.update(parallel.train_nodes(self, out, names, executor, log))
 
         x_val, y_val = _as_arrays(self.val)
         x_cal = _calibration_inputs(self.train, self.calibration_samples)
@@ -375,14 +406,21 @@ class DeploymentTree:
             elif file.exists():
                 model = keras.models.load_model(file, safe_mode=True)
                 log(f"[tree] {name}: loaded from {file}")
+            elif name in node_failures:  # failed once in this run: not again for each leaf
+                raise parallel.NodeFailed(name, node_failures[name])
             else:
-                parent = node_model(node.parent)
+                try:
+                    parent = node_model(node.parent)
+                except parallel.NodeFailed as err:
+                    node_failures[name] = f"its parent {err.node} failed"
+                    raise
                 start = time.perf_counter()
                 log(f"[tree] {name}: {node.op} of {node.parent}, fine-tuning ...")
-                model = self._train(node, parent, log)
-                stored = model if node.op == "qat" else co.strip(model)
-                _atomic_save(stored, file)
-                model = stored
+                try:
+                    model = self._train_and_store(node, parent, out, log)
+                except Exception as err:
+                    node_failures[name] = f"{type(err).__name__}: {err}"
+                    raise parallel.NodeFailed(name, node_failures[name]) from err
                 log(f"[tree] {name}: trained in {time.perf_counter() - start:.1f}s")
             trained[name] = model
             return model
@@ -394,6 +432,59 @@ class DeploymentTree:
             acc = _keras_accuracy(node_model(name), x_val, y_val)
             _atomic_json(file, {"accuracy": acc})
             return acc
+
+        def build_leaf(leaf: Leaf, level: int, result_file: Path) -> dict:
+            start = time.perf_counter()
+            model = node_model(leaf.node)
+            path = out / "leaves" / f"{_slug(leaf.name)}.tflite"
+            per_tensor = leaf.quantization == "ptq" and "pc" not in leaf.node and \
+                "cluster" in leaf.node
+            co.export_tflite(model, path, representative_data=x_cal,
+                             per_channel_weights=not per_tensor)
+            rep = inspect(path)
+            file_pred = _classes(predict_tflite(path, x_val, verbose=False))
+            try:
+                verify(path, model)
+                verified = "yes"
+            except co.VerificationError as err:
+                verified = "no: " + str(err).splitlines()[1].strip()
+            row = {
+                "path": leaf.name, "level": level, "node": leaf.node,
+                "fp32_accuracy": float_accuracy(
+                    leaf.node if leaf.quantization == "ptq"
+                    else _float_parent(self.nodes, leaf.node)),
+                "keras_accuracy": float_accuracy(leaf.node),  # the exported model
+                "int8_accuracy": _top1(file_pred, y_val),
+                # conversion fidelity, finer than an accuracy difference (flips in both
+                # directions cancel there)
+                "agreement": float(np.mean(file_pred == _classes(model.predict(
+                    x_val, verbose=0, batch_size=256)))),
+                "size_bytes": rep.size_bytes, "zip_bytes": rep.zip_bytes,
+                "zip_reduction": 1 - rep.zip_bytes / baseline["zip_bytes"],
+                "sparsity": rep.sparsity,
+                "unique_max": max((t.unique for t in rep.tensors), default=0),
+                "unique_per_channel_max": max(
+                    (t.unique_per_channel_max for t in rep.tensors), default=0),
+                "entropy_bound_bytes": rep.entropy_bound_bytes,
+                "latency_ms": latency_ms(path, runs=self.latency_runs),
+                "latency_threads": 1,
+                "vela_encoded_bytes": None, "vela_cycles": None,
+                "verified": verified, "file": str(path),
+            }
+            if use_vela:
+                try:
+                    v = co.vela_report(path, self.vela_accelerator)
+                    row["vela_encoded_bytes"] = v.encoded_weight_bytes
+                    row["vela_cycles"] = v.cycles
+                except RuntimeError as err:
+                    row["vela_error"] = str(err)
+            _atomic_json(result_file, row)
+            log(f"[tree] level {level} · {leaf.name}: int8 accuracy "
+                f"{row['int8_accuracy']:.4f} (same class as Keras on "
+                f"{row['agreement']:.2%}), {row['zip_bytes']:,} bytes zipped, "
+                f"{row['latency_ms']:.3f} ms, verified {verified} "
+                f"({time.perf_counter() - start:.1f}s)")
+            return row
 
         # the FP32 reference row
         base_file = out / "leaves" / "fp32.tflite"
@@ -412,66 +503,36 @@ class DeploymentTree:
             f"{baseline['zip_bytes']:,} bytes zipped")
 
         rows: list[dict] = []
+        failed: list[dict] = []
+        if executor is not None and not stop_when_met:
+            train_in_parallel([lf for lf in self.leaves if lf.name in wanted])
         for level in (1, 2, 3):
             level_rows = []
-            for leaf in (lf for lf in self.leaves if lf.level == level and lf.name in wanted):
+            level_leaves = [lf for lf in self.leaves if lf.level == level and lf.name in wanted]
+            if executor is not None and stop_when_met:
+                train_in_parallel(level_leaves)
+            for leaf in level_leaves:
                 slug = _slug(leaf.name)
                 result_file = out / "leaves" / f"{slug}.json"
+                if leaf.node in node_failures:
+                    failed.append({"path": leaf.name, "level": level, "node": leaf.node,
+                                   "error": f"node {leaf.node}: {node_failures[leaf.node]}"})
+                    continue
                 if result_file.exists():
                     row = json.loads(result_file.read_text())
                     log(f"[tree] level {level} · {leaf.name}: done earlier "
                         f"(int8 accuracy {row['int8_accuracy']:.4f})")
                 else:
-                    start = time.perf_counter()
-                    model = node_model(leaf.node)
-                    path = out / "leaves" / f"{slug}.tflite"
-                    per_tensor = leaf.quantization == "ptq" and "pc" not in leaf.node and \
-                        "cluster" in leaf.node
-                    co.export_tflite(model, path, representative_data=x_cal,
-                                     per_channel_weights=not per_tensor)
-                    rep = inspect(path)
-                    file_pred = _classes(predict_tflite(path, x_val, verbose=False))
                     try:
-                        verify(path, model)
-                        verified = "yes"
-                    except co.VerificationError as err:
-                        verified = "no: " + str(err).splitlines()[1].strip()
-                    row = {
-                        "path": leaf.name, "level": level, "node": leaf.node,
-                        "fp32_accuracy": float_accuracy(leaf.node if leaf.quantization == "ptq"
-                                                        else _float_parent(self.nodes,
-                                                                           leaf.node)),
-                        "keras_accuracy": float_accuracy(leaf.node),  # the exported model
-                        "int8_accuracy": _top1(file_pred, y_val),
-                        # conversion fidelity, finer than an accuracy difference (flips in
-                        # both directions cancel there)
-                        "agreement": float(np.mean(file_pred == _classes(model.predict(
-                            x_val, verbose=0, batch_size=256)))),
-                        "size_bytes": rep.size_bytes, "zip_bytes": rep.zip_bytes,
-                        "zip_reduction": 1 - rep.zip_bytes / baseline["zip_bytes"],
-                        "sparsity": rep.sparsity,
-                        "unique_max": max((t.unique for t in rep.tensors), default=0),
-                        "unique_per_channel_max": max(
-                            (t.unique_per_channel_max for t in rep.tensors), default=0),
-                        "entropy_bound_bytes": rep.entropy_bound_bytes,
-                        "latency_ms": latency_ms(path, runs=self.latency_runs),
-                        "latency_threads": 1,
-                        "vela_encoded_bytes": None, "vela_cycles": None,
-                        "verified": verified, "file": str(path),
-                    }
-                    if use_vela:
-                        try:
-                            v = co.vela_report(path, self.vela_accelerator)
-                            row["vela_encoded_bytes"] = v.encoded_weight_bytes
-                            row["vela_cycles"] = v.cycles
-                        except RuntimeError as err:
-                            row["vela_error"] = str(err)
-                    _atomic_json(result_file, row)
-                    log(f"[tree] level {level} · {leaf.name}: int8 accuracy "
-                        f"{row['int8_accuracy']:.4f} (same class as Keras on "
-                        f"{row['agreement']:.2%}), {row['zip_bytes']:,} bytes zipped, "
-                        f"{row['latency_ms']:.3f} ms, verified {verified} "
-                        f"({time.perf_counter() - start:.1f}s)")
+                        row = build_leaf(leaf, level, result_file)
+                    except Exception as err:  # noqa: BLE001 - one leaf's failure ends no run
+                        reason = (f"node {err.node}: {err.reason}"
+                                  if isinstance(err, parallel.NodeFailed)
+                                  else f"{type(err).__name__}: {err}".strip())
+                        failed.append({"path": leaf.name, "level": level, "node": leaf.node,
+                                       "error": reason, "traceback": traceback.format_exc()})
+                        log(f"[tree] level {level} · {leaf.name}: FAILED, {reason}")
+                        continue
                 row["meets_targets"] = not self.targets.failures(row, baseline["fp32_accuracy"])
                 level_rows.append(row)
             rows.extend(level_rows)
@@ -480,7 +541,10 @@ class DeploymentTree:
                     "recommends")
                 break
         recommended = _recommend(rows)
-        result = ExploreResult(out, rows, baseline, recommended, self.targets)
+        result = ExploreResult(out, rows, baseline, recommended, self.targets, failed=failed)
+        if failed:
+            log(f"[tree] {len(failed)} leaf/leaves failed ({', '.join(f['path'] for f in failed)})"
+                "; the report says why, and running the same exploration again retries them")
         from collabopt.report import write_report
 
         for name in ("base", "prune", "prune_cluster"):  # stages of the density plot
