@@ -57,10 +57,44 @@ max_accuracy_drop = 0.1
     ('[model]\npath = "nope.keras"\n[data]\nnpz = "data.npz"\n', r"\[model\].path.*not exist"),
     ('[model]\npath = "model.keras"\n[data]\nnpz = "a.npz"\nloader = "m:f"\n', "exactly one"),
     ("this is = = not toml", "not valid TOML"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nworkers = 0\n',
+     r"\[tree\].workers must be a positive integer"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\n'
+     'dask_scheduler = "10.0.0.5"\n', r"\[tree\].dask_scheduler must be a scheduler address"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nworkers = 2\n'
+     'dask_scheduler = "tcp://10.0.0.5:8786"\n', "choose one"),
 ])
 def test_bad_configs(project, body, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(project / "bad.toml", body))
+
+
+@pytest.mark.slow
+def test_run_with_workers_and_an_unreachable_dask_scheduler(project, capsys):
+    body = """
+[model]
+path = "model.keras"
+[data]
+npz = "data.npz"
+[train]
+from_logits = true
+[tree]
+out_dir = "out"
+paths = ["PTQ", "prune → PTQ", "cluster → PTQ"]
+clusters = 8
+"""
+    cfg = _write(project / "c.toml", body)
+    assert main(["run", str(cfg), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 local worker processes" in out
+    assert "prune: prune of base, fine-tuning on a worker" in out
+    assert "cluster: trained in" in out and "recommended leaf" in out
+    with pytest.raises(SystemExit):
+        main(["run", str(cfg), "--workers", "0"])
+    pytest.importorskip("distributed")
+    cfg = _write(project / "d.toml", body + 'dask_scheduler = "tcp://127.0.0.1:9"\n')
+    assert main(["run", str(cfg)]) == 2
+    assert "no Dask scheduler answers at tcp://127.0.0.1:9" in capsys.readouterr().err
 
 
 def test_skip_lists_reach_the_tree_and_typos_are_refused(project, capsys):

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 # --- demo ---------------------------------------------------------------------------------
-def demo(out: Path, quick: bool, force: bool) -> int:
+def demo(out: Path, quick: bool, force: bool, workers: int | None = None) -> int:
     import keras
 
     import collabopt as co
@@ -60,7 +60,9 @@ def demo(out: Path, quick: bool, force: bool) -> int:
         fit={"epochs": finetune, "batch_size": 64, "verbose": 2}, sparsity=0.5, clusters=16,
         per_channel=True, targets=co.Targets(max_accuracy_drop=0.01))
     start = time.perf_counter()
-    result = tree.explore(out / ("tree_quick" if quick else "tree"), force=force)
+    with _executor(workers, None) as executor:
+        result = tree.explore(out / ("tree_quick" if quick else "tree"), force=force,
+                              executor=executor)
     print()
     print(result)
     print(f"\n[demo] recommended leaf: {result.recommended or 'none meets the targets'}")
@@ -77,7 +79,8 @@ _KEYS = {
     "train": {"optimizer", "learning_rate", "qat_learning_rate", "loss", "from_logits",
               "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
-             "prune_skip", "cluster_skip", "batchnorm", "seed", "bias_correction"},
+             "prune_skip", "cluster_skip", "batchnorm", "seed", "bias_correction", "workers",
+             "dask_scheduler"},
     "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
 }
 
@@ -145,8 +148,55 @@ def load_config(path: Path) -> dict:
     if not isinstance(tree.get("bias_correction", True), bool):
         raise ConfigError(f"{path}: [tree].bias_correction must be true or false, got "
                           f"{tree['bias_correction']!r}")
+    if "workers" in tree and (not isinstance(tree["workers"], int)
+                              or isinstance(tree["workers"], bool) or tree["workers"] < 1):
+        raise ConfigError(f"{path}: [tree].workers must be a positive integer (local "
+                          f"processes), got {tree['workers']!r}")
+    if "dask_scheduler" in tree:
+        if not isinstance(tree["dask_scheduler"], str) or "://" not in tree["dask_scheduler"]:
+            raise ConfigError(f"{path}: [tree].dask_scheduler must be a scheduler address "
+                              f"such as \"tcp://10.0.0.5:8786\", got {tree['dask_scheduler']!r}")
+        if "workers" in tree:
+            raise ConfigError(f"{path}: [tree] sets both workers (local processes) and "
+                              "dask_scheduler (a cluster): choose one")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
+
+
+class _executor:
+    """The executor a command asked for: N local processes, a Dask cluster, or none."""
+
+    def __init__(self, workers: int | None, dask_scheduler: str | None):
+        self.workers, self.dask_scheduler, self._close = workers, dask_scheduler, []
+
+    def __enter__(self):
+        from collabopt import parallel
+
+        if self.dask_scheduler:
+            try:
+                from distributed import Client
+            except ImportError as err:
+                raise ConfigError("[tree].dask_scheduler needs Dask: pip install "
+                                  "'collabopt[dask]'") from err
+            try:
+                client = Client(self.dask_scheduler, timeout="10s")
+            except OSError as err:
+                raise ConfigError(f"[tree].dask_scheduler: no Dask scheduler answers at "
+                                  f"{self.dask_scheduler} ({err})") from err
+            self._close.append(client.close)
+            print(f"[tree] nodes run on the Dask cluster at {self.dask_scheduler} "
+                  f"({len(client.scheduler_info()['workers'])} workers now)")
+            return client.get_executor()
+        if self.workers and self.workers > 1:
+            pool = parallel.local_executor(self.workers)
+            self._close.append(pool.shutdown)
+            print(f"[tree] nodes run on {self.workers} local worker processes")
+            return pool
+        return None
+
+    def __exit__(self, *exc):
+        for close in self._close:
+            close()
 
 
 def _load_data(config: dict, path: Path):
@@ -177,7 +227,7 @@ def _load_data(config: dict, path: Path):
     return loaded
 
 
-def run(config_path: Path, force: bool) -> int:
+def run(config_path: Path, force: bool, workers: int | None = None) -> int:
     import keras
 
     import collabopt as co
@@ -219,8 +269,13 @@ def run(config_path: Path, force: bool) -> int:
         batchnorm=tree_cfg.get("batchnorm", "keep"), seed=tree_cfg.get("seed", 0),
         bias_correction=tree_cfg.get("bias_correction", True),
         targets=co.Targets(**config.get("targets", {})), **selectors)
-    result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
-                          stop_when_met=tree_cfg.get("stop_when_met", False), force=force)
+    if workers is not None and "dask_scheduler" in tree_cfg:
+        raise ConfigError(f"{config_path}: --workers runs local processes, but [tree] names a "
+                          "dask_scheduler: drop one")
+    with _executor(workers or tree_cfg.get("workers"), tree_cfg.get("dask_scheduler")) as ex:
+        result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
+                              stop_when_met=tree_cfg.get("stop_when_met", False), force=force,
+                              executor=ex)
     print()
     print(result)
     print(f"\nrecommended leaf: {result.recommended or 'none meets the targets'}")
@@ -250,6 +305,12 @@ def inspect_command(path: Path, vela: bool, as_json: bool, accelerator: str) -> 
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="collabopt", description=(
         "Collaborative optimization (prune -> cluster -> int8 QAT) for Keras 3, verified "
@@ -259,9 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--quick", action="store_true", help="small subset, few epochs (minutes)")
     p.add_argument("--force", action="store_true", help="start over in --out")
+    p.add_argument("--workers", type=_positive, help="train independent nodes in N processes")
     p = sub.add_parser("run", help="explore the tree for your model, as a TOML config says")
     p.add_argument("config", type=Path)
     p.add_argument("--force", action="store_true", help="start over in the config's out_dir")
+    p.add_argument("--workers", type=_positive,
+                   help="train independent nodes in N local processes ([tree].workers)")
     p = sub.add_parser("inspect", help="what survived in a .tflite file")
     p.add_argument("file", type=Path)
     p.add_argument("--vela", action="store_true", help="add Arm Vela figures (ethos-u-vela)")
@@ -275,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "demo":
-            return demo(args.out, args.quick, args.force)
+            return demo(args.out, args.quick, args.force, args.workers)
         if args.command == "run":
-            return run(args.config, args.force)
+            return run(args.config, args.force, args.workers)
         return inspect_command(args.file, args.vela, args.json, args.accelerator)
     except (ConfigError, ConfigMismatch, InvalidModelError, FileNotFoundError, DataError,
             VelaNotInstalled) as err:
