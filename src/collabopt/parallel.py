@@ -112,11 +112,13 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 # --- the task -------------------------------------------------------------------------------
-def train_node(run_dir: str, name: str) -> dict:
+def train_node(run_dir: str, name: str, attempt: str = "") -> dict:
     """Train node ``name`` of the tree stored in ``run_dir``: the task an executor runs.
 
     The node trains in a child process whose output goes to ``nodes/<name>.log``; a failure
     raises ``NodeFailed`` with the reason (the exception, or the signal that killed it).
+    ``attempt`` only makes each submission distinct: an engine that caches results by
+    arguments (Dask's pure tasks) must not hand back an earlier attempt's failure.
     """
     out = Path(run_dir)
     log_file = out / "nodes" / f"{name}.log"
@@ -186,6 +188,7 @@ def train_nodes(tree, out: Path, names: list[str], executor: Executor, log) -> d
     todo = [n for n in names if not stored(n)]
     failed: dict[str, str] = {}
     running: dict[Future, str] = {}
+    attempt = f"{os.getpid()}-{time.time_ns()}"
     while todo or running:
         for name in list(todo):
             parent = parent_of[name]
@@ -196,7 +199,7 @@ def train_nodes(tree, out: Path, names: list[str], executor: Executor, log) -> d
             elif stored(parent):
                 todo.remove(name)
                 try:
-                    running[executor.submit(train_node, str(out), name)] = name
+                    running[executor.submit(train_node, str(out.resolve()), name, attempt)] = name
                 except Exception as err:  # noqa: BLE001 - a shut-down or broken executor
                     failed[name] = f"the executor refused it ({type(err).__name__}: {err})"
                     log(f"[tree] {name}: FAILED, {failed[name]}")
