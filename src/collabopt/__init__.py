@@ -28,6 +28,10 @@ _API = {
     "predict_tflite": "inspection",
     "VerificationError": "inspection",
     "vela_report": "vela",
+    "tflm_report": "micro",
+    "predict_tflm": "micro",
+    "evaluate_tflm": "micro",
+    "export_c": "firmware",
     "plot_weight_density": "plots",
     "plot_tradeoff": "plots",
     "DeploymentTree": "tree",
@@ -42,7 +46,8 @@ _registration.install()  # wrapped .keras files load with plain keras.models.loa
 
 
 _SUBMODULES = {"models", "datasets", "pruning", "clustering", "quantization", "export",
-               "inspection", "batchnorm", "vela", "plots", "report", "tree", "cli", "core", "zoo"}
+               "inspection", "batchnorm", "vela", "plots", "report", "tree", "cli", "core", "zoo",
+               "micro", "firmware", "parallel"}
 
 
 def __getattr__(name: str):

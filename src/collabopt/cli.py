@@ -1,4 +1,5 @@
-"""The ``collabopt`` command: ``demo``, ``run CONFIG.toml``, ``inspect FILE.tflite``."""
+"""The ``collabopt`` command: ``demo``, ``run CONFIG.toml``, ``inspect FILE.tflite``,
+``export-c FILE.tflite``."""
 
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ _KEYS = {
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
              "prune_skip", "cluster_skip", "batchnorm", "seed", "bias_correction", "workers",
              "dask_scheduler"},
-    "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles"},
+    "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles",
+                "max_arena_bytes", "max_flash_bytes", "max_sram_bytes"},
 }
 
 
@@ -159,6 +161,10 @@ def load_config(path: Path) -> dict:
         if "workers" in tree:
             raise ConfigError(f"{path}: [tree] sets both workers (local processes) and "
                               "dask_scheduler (a cluster): choose one")
+    for key, value in config.get("targets", {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{path}: [targets].{key} must be a non-negative number, got "
+                              f"{value!r}")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
 
@@ -283,19 +289,42 @@ def run(config_path: Path, force: bool, workers: int | None = None) -> int:
     return 0
 
 
+# --- export-c -----------------------------------------------------------------------------
+def export_c_command(path: Path, out: Path, name: str, vela: bool, accelerator: str) -> int:
+    import collabopt as co
+
+    try:
+        files = co.export_c(path, out, name=name,
+                            vela_accelerator=accelerator if vela else None)
+    except ValueError as err:  # a file TFLM cannot run, a bad name, a custom op
+        print(f"collabopt export-c: error: {err}", file=sys.stderr)
+        return 2
+    for kind, file in files.items():
+        print(f"{kind:12s} {file}")
+    print(f"compile {files['source'].name} into your firmware; {files['ops'].name} registers "
+          "exactly the kernels the model needs")
+    return 0
+
+
 # --- inspect ------------------------------------------------------------------------------
-def inspect_command(path: Path, vela: bool, as_json: bool, accelerator: str) -> int:
+def inspect_command(path: Path, vela: bool, as_json: bool, accelerator: str,
+                    tflm: bool = False) -> int:
     import collabopt as co
 
     report = co.inspect(path)
     vela_report = co.vela_report(path, accelerator) if vela else None
+    tflm_report = co.tflm_report(path) if tflm else None
     if as_json:
         out = report.to_dict()
         if vela_report:
             out["vela"] = vela_report.to_dict()
+        if tflm_report:
+            out["tflm"] = tflm_report.to_dict()
         print(json.dumps(out, indent=2))
     else:
         print(report.table())
+        if tflm_report:
+            print(tflm_report.summary)
         if vela_report:
             v = vela_report
             print(f"Vela ({v.accelerator}): weights {v.original_weight_bytes:,} -> "
@@ -330,10 +359,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", type=Path)
     p.add_argument("--vela", action="store_true", help="add Arm Vela figures (ethos-u-vela)")
     p.add_argument("--accelerator", default="ethos-u55-128")
+    p.add_argument("--tflm", action="store_true",
+                   help="run it on TFLite Micro: ops, measured arena, flash (tflite-micro)")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("export-c", help="C++ source of a .tflite for TFLite Micro firmware")
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="folder for the .cc / .h files")
+    p.add_argument("--name", default="model", help="C identifier prefix (default: model)")
+    p.add_argument("--vela", action="store_true",
+                   help="also the Vela-compiled .tflite for Ethos-U, and its C source")
+    p.add_argument("--accelerator", default="ethos-u55-128")
     args = parser.parse_args(argv)
     from collabopt.datasets import DataError
     from collabopt.inspection import InvalidModelError
+    from collabopt.micro import TFLMNotInstalled
     from collabopt.tree import ConfigMismatch
     from collabopt.vela import VelaNotInstalled
 
@@ -342,9 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             return demo(args.out, args.quick, args.force, args.workers)
         if args.command == "run":
             return run(args.config, args.force, args.workers)
-        return inspect_command(args.file, args.vela, args.json, args.accelerator)
+        if args.command == "export-c":
+            return export_c_command(args.file, args.out, args.name, args.vela,
+                                    args.accelerator)
+        return inspect_command(args.file, args.vela, args.json, args.accelerator, args.tflm)
     except (ConfigError, ConfigMismatch, InvalidModelError, FileNotFoundError, DataError,
-            VelaNotInstalled) as err:
+            VelaNotInstalled, TFLMNotInstalled) as err:
         print(f"collabopt {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

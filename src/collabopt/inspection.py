@@ -189,11 +189,9 @@ def _load(path) -> tuple[bytes, object]:
     return data, model
 
 
-def inspect(path: str | os.PathLike) -> Report:
-    """Per-weight-tensor statistics of a ``.tflite`` file, read from the flatbuffer."""
+def _op_namer():
     from ai_edge_litert import schema_py_generated as schema
 
-    data, model = _load(path)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
     def op_name(code):
@@ -201,6 +199,33 @@ def inspect(path: str | os.PathLike) -> Report:
             return "CUSTOM:" + code.customCode.decode(errors="replace")
         return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "UNKNOWN")
 
+    return op_name
+
+
+def operator_outputs(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(operator, Keras layer it comes from) for every operator of the file, in order."""
+    _, model = _load(path)
+    op_name, graph = _op_namer(), model.subgraphs[0]
+    out = []
+    outputs = set(graph.outputs)
+
+    def activation(i):
+        data = model.buffers[graph.tensors[i].buffer].data
+        return data is None or len(data) == 0
+
+    for op in graph.operators or []:
+        # a graph output is named after the signature, not the layer: then the last input
+        ids = [i for i in op.outputs if i >= 0 and i not in outputs] or [
+            i for i in reversed(op.inputs) if i >= 0 and activation(i)]
+        tensor = graph.tensors[ids[0]].name.decode(errors="replace") if ids else "?"
+        out.append((op_name(model.operatorCodes[op.opcodeIndex]), _layer_name(tensor)))
+    return out
+
+
+def inspect(path: str | os.PathLike) -> Report:
+    """Per-weight-tensor statistics of a ``.tflite`` file, read from the flatbuffer."""
+    data, model = _load(path)
+    op_name = _op_namer()
     graph = model.subgraphs[0]
     tensors, operators, flagged, seen = [], [], [], set()
     try:

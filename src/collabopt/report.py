@@ -23,6 +23,10 @@ COLUMNS = [
     ("latency_ms", "Latency (ms)", "{:.3f}"),
     ("vela_encoded_bytes", "Vela weights (B)", "{:,}"),
     ("vela_cycles", "Vela cycles", "{:,}"),
+    ("vela_sram_bytes", "Vela SRAM (B)", "{:,}"),
+    ("tflm", "TFLM", "{}"),
+    ("arena_bytes", "Arena (B)", "{:,}"),
+    ("flash_bytes", "Flash (B)", "{:,}"),
     ("verified", "Verified", "{}"),
     ("meets_targets", "Meets targets", "{}"),
 ]
@@ -91,6 +95,10 @@ def write_report(result, density_sources: dict | None = None) -> None:
     md = ["# collabopt deployment tree report\n", f"Targets: {_targets_text(result.targets)}.",
           "", rec, "", markdown_table(result.rows, result.baseline), "", f"({threads}; "
           "zipped = deflate, as the reference reports; Vela: ethos-u55-128)", ""]
+    micro = [f"{r['path']}: {r['tflm_line']}" for r in result.rows if r.get("tflm_line")]
+    if micro:
+        md += ["## On TFLite Micro", "", *[f"- {line}" for line in micro], "",
+               "(arena: measured by the TFLM interpreter; flash: the model data)", ""]
     failed = _failed_lines(result)
     if failed:
         md += ["## Failed leaves", "", *[f"- {line}" for line in failed], ""]
@@ -102,6 +110,9 @@ def write_report(result, density_sources: dict | None = None) -> None:
             f"<p>Targets: {html.escape(_targets_text(result.targets))}.</p>",
             f"<p>{html.escape(rec).replace('**', '')}</p>", _html_table(result),
             f"<p><small>{html.escape(threads)}</small></p>"]
+    if micro:
+        body.append("<h2>On TFLite Micro</h2><ul>" + "".join(
+            f"<li>{html.escape(line)}</li>" for line in micro) + "</ul>")
     if failed:
         body.append("<h2>Failed leaves</h2><ul>" + "".join(
             f"<li>{html.escape(line)}</li>" for line in failed) + "</ul>")

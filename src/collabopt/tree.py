@@ -47,6 +47,9 @@ class Targets:
     max_zip_bytes: int | None = None
     max_latency_ms: float | None = None
     max_vela_cycles: int | None = None
+    max_arena_bytes: int | None = None  # TFLite Micro tensor arena, measured (extra [micro])
+    max_flash_bytes: int | None = None  # the model data in flash
+    max_sram_bytes: int | None = None  # Ethos-U SRAM, from Vela (extra [vela])
 
     def failures(self, row: dict, base_accuracy: float) -> list[str]:
         out = []
@@ -57,9 +60,13 @@ class Targets:
             out.append("size")
         if self.max_latency_ms is not None and row["latency_ms"] > self.max_latency_ms:
             out.append("latency")
-        if self.max_vela_cycles is not None and (
-                row.get("vela_cycles") is None or row["vela_cycles"] > self.max_vela_cycles):
-            out.append("vela cycles")
+        for limit, key, what in ((self.max_vela_cycles, "vela_cycles", "vela cycles"),
+                                 (self.max_arena_bytes, "arena_bytes", "arena"),
+                                 (self.max_flash_bytes, "flash_bytes", "flash"),
+                                 (self.max_sram_bytes, "vela_sram_bytes", "sram")):
+            # unmeasured (tool missing, file does not run there) cannot meet a budget
+            if limit is not None and (row.get(key) is None or row[key] > limit):
+                out.append(what)
         return out
 
 
@@ -392,9 +399,10 @@ class DeploymentTree:
         x_val, y_val = _as_arrays(self.val)
         x_cal = _calibration_inputs(self.train, self.calibration_samples)
         trained: dict[str, object] = {}
-        from collabopt import vela
+        from collabopt import micro, vela
 
         use_vela = self.vela_accelerator is not None and vela.available()
+        use_tflm = micro.available()
 
         def node_model(name: str):
             if name in trained:
@@ -468,14 +476,21 @@ class DeploymentTree:
                 "entropy_bound_bytes": rep.entropy_bound_bytes,
                 "latency_ms": latency_ms(path, runs=self.latency_runs),
                 "latency_threads": 1,
-                "vela_encoded_bytes": None, "vela_cycles": None,
+                "vela_encoded_bytes": None, "vela_cycles": None, "vela_sram_bytes": None,
+                "flash_bytes": rep.size_bytes, "arena_bytes": None, "tflm": None,
                 "verified": verified, "file": str(path),
             }
+            if use_tflm:
+                tflm = micro.tflm_report(path)
+                row["arena_bytes"], row["tflm_line"] = tflm.arena_bytes, tflm.summary
+                row["tflm"] = "yes" if tflm.runs else "no ({})".format(", ".join(
+                    u["op"] for u in tflm.unsupported) or tflm.error)
             if use_vela:
                 try:
                     v = co.vela_report(path, self.vela_accelerator)
                     row["vela_encoded_bytes"] = v.encoded_weight_bytes
                     row["vela_cycles"] = v.cycles
+                    row["vela_sram_bytes"] = v.sram_bytes
                 except RuntimeError as err:
                     row["vela_error"] = str(err)
             _atomic_json(result_file, row)

@@ -48,20 +48,39 @@ def _vela_command() -> list[str]:
                            "(the ethos-u-vela package)")
 
 
-def vela_report(path: str | os.PathLike, accelerator: str = "ethos-u55-128",
-                timeout: float = 300) -> VelaReport:
-    """Compile ``path`` with Vela for ``accelerator`` and read its summary."""
+def _run_vela(path, accelerator: str, out: str, timeout: float):
     from collabopt.inspection import _load
 
     _load(path)  # clear errors for missing or damaged files
-    cmd = _vela_command()
+    run = subprocess.run([*_vela_command(), str(path), "--accelerator-config", accelerator,
+                          "--output-dir", out], capture_output=True, text=True,
+                         timeout=timeout)
+    if run.returncode != 0:
+        tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"vela failed on {path} for {accelerator}: {' | '.join(tail)}")
+    return run
+
+
+def compile_for_ethos_u(path: str | os.PathLike, out_path: str | os.PathLike,
+                        accelerator: str = "ethos-u55-128", timeout: float = 300) -> Path:
+    """The Vela-compiled ``.tflite`` of ``path`` for ``accelerator``, written to ``out_path``."""
     with tempfile.TemporaryDirectory(prefix="collabopt-vela-") as out:
-        run = subprocess.run([*cmd, str(path), "--accelerator-config", accelerator,
-                              "--output-dir", out], capture_output=True, text=True,
-                             timeout=timeout)
-        if run.returncode != 0:
-            tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"vela failed on {path} for {accelerator}: {' | '.join(tail)}")
+        _run_vela(path, accelerator, out, timeout)
+        compiled = next(Path(out).glob("*_vela.tflite"), None)
+        if compiled is None:
+            raise RuntimeError(f"vela wrote no optimised file for {path}")
+        target = Path(out_path)
+        tmp = target.with_name(target.name + ".partial")
+        shutil.copyfile(compiled, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def vela_report(path: str | os.PathLike, accelerator: str = "ethos-u55-128",
+                timeout: float = 300) -> VelaReport:
+    """Compile ``path`` with Vela for ``accelerator`` and read its summary."""
+    with tempfile.TemporaryDirectory(prefix="collabopt-vela-") as out:
+        run = _run_vela(path, accelerator, out, timeout)
         summaries = list(Path(out).glob("*_summary_*.csv"))
         if not summaries:
             raise RuntimeError(f"vela wrote no summary for {path}")
