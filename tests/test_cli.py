@@ -63,6 +63,8 @@ max_accuracy_drop = 0.1
      'dask_scheduler = "10.0.0.5"\n', r"\[tree\].dask_scheduler must be a scheduler address"),
     ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nworkers = 2\n'
      'dask_scheduler = "tcp://10.0.0.5:8786"\n', "choose one"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[targets]\n'
+     'max_arena_bytes = "64k"\n', r"\[targets\].max_arena_bytes must be a non-negative number"),
 ])
 def test_bad_configs(project, body, message):
     with pytest.raises(ConfigError, match=message):
