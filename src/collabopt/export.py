@@ -5,6 +5,10 @@ that accepts every converter option). A QAT model is exported with only its fake
 transforms and learned activation ranges left in the graph, so the converter takes its
 scales from training; a plain model needs representative data to calibrate. The file is
 written atomically: a failure never leaves a half-written model behind.
+
+The converter runs in a child process (one, started on first use and reused): on some
+models its calibrator dies of a segfault (Keras 3 LSTM/GRU measured), and that must become
+an ``ExportError`` with the converter's last words, not the end of the user's process.
 """
 
 from __future__ import annotations
@@ -62,20 +66,28 @@ def _calibration(model, data, max_samples: int):
             if tuple(a.shape[1:]) != want:
                 raise ValueError(f"representative_data samples have shape {a.shape[1:]}, the "
                                  f"model input expects {want} (arrays are (N, *shape))")
-    for a in arrays:
-        if not np.issubdtype(a.dtype, np.floating):
+    dtypes = [_input_dtype(t) for t in inputs] if inputs is not None else [None] * len(arrays)
+    for a, dtype in zip(arrays, dtypes, strict=True):
+        integer_input = dtype is not None and np.issubdtype(dtype, np.integer)
+        if integer_input and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"representative_data must hold integers for an {dtype} input "
+                             f"(token ids, say), got dtype {a.dtype}")
+        if not integer_input and not np.issubdtype(a.dtype, np.floating):
             raise ValueError(f"representative_data must be float (the model's float input, "
                              f"before quantization), got dtype {a.dtype}")
         if a.shape[0] == 0:
             raise ValueError("representative_data is empty")
     n = min(a.shape[0] for a in arrays)
     take = np.linspace(0, n - 1, min(n, max_samples)).astype(int)
+    # the samples themselves, in the model's own input dtypes: they travel to the converter
+    return [a[take].astype(dtype or np.float32) for a, dtype in zip(arrays, dtypes,
+                                                                     strict=True)]
 
-    def gen():
-        for i in take:
-            yield [a[i:i + 1].astype(np.float32) for a in arrays]
 
-    return gen
+def _input_dtype(tensor) -> np.dtype:
+    import keras
+
+    return np.dtype(keras.backend.standardize_dtype(tensor.dtype))
 
 
 def _input_signature(model):
@@ -83,7 +95,8 @@ def _input_signature(model):
 
     if not getattr(model, "inputs", None):
         return None
-    return [tf.TensorSpec((1, *t.shape[1:]), tf.float32) for t in model.inputs]
+    return [tf.TensorSpec((1, *t.shape[1:]), tf.as_dtype(_input_dtype(t)))
+            for t in model.inputs]
 
 
 def _codebooks_per_tensor(model) -> tuple[bool, bool]:
@@ -164,8 +177,6 @@ def export_tflite(
     Each is cut to the piece naming its layer's op ("conv/convolution"), which is what a
     viewer or ``collabopt.inspect`` needs; input and output names are kept.
     """
-    import tensorflow as tf
-
     from collabopt.core.rewrite import ensure_built, is_wrapped, strip
 
     if quantization not in QUANTIZATIONS:
@@ -176,10 +187,10 @@ def export_tflite(
     qat = _is_qat(model)
     plain = strip(model, keep_quantization=qat and quantization == "int8") \
         if is_wrapped(model) else model
-    gen = None
+    samples = None
     if quantization == "int8":
         if representative_data is not None:
-            gen = _calibration(plain, representative_data, max_calibration_samples)
+            samples = _calibration(plain, representative_data, max_calibration_samples)
         elif not qat:
             raise ValueError(
                 "post-training int8 export needs representative_data: a few hundred float "
@@ -190,35 +201,19 @@ def export_tflite(
         saved = os.path.join(tmp, "saved_model")
         plain.export(saved, format="tf_saved_model", verbose=False,
                      input_signature=_input_signature(plain))
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if quantization in ("int8", "dynamic"):
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        options = {"quantization": quantization, "qat": qat,
+                   "float_input": all(np.issubdtype(_input_dtype(t), np.floating)
+                                      for t in getattr(plain, "inputs", None) or ()),
+                   "per_channel": True, "dense_per_tensor": False}
         if quantization == "int8":
-            if gen is not None:
-                converter.representative_dataset = gen
-            if not qat:
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.int8
-            converter.inference_output_type = tf.int8
-            conv_codebook, dense_codebook = (_codebooks_per_tensor(plain) if gen is not None
-                                             else (False, False))
-            if per_channel_weights is None:
-                per_channel_weights = not conv_codebook
-            if not per_channel_weights:
-                converter._experimental_disable_per_channel = True
-            elif dense_codebook:
-                # post-training conversion scales FULLY_CONNECTED weights per channel, which
-                # would multiply a Dense codebook's values; convs stay per channel
-                converter._experimental_disable_per_channel_quantization_for_dense_layers = True
-        try:
-            flatbuffer = converter.convert()
-        except Exception as err:  # noqa: BLE001 - converter errors are long; keep the gist
-            raise ExportError(
-                f"TFLite conversion ({quantization}) of model {plain.name!r} failed: "
-                f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}. "
-                "Full-integer int8 needs every op to have an int8 builtin kernel; use "
-                "quantization='dynamic' or 'float' for models that do not.") from err
+            conv_codebook, dense_codebook = (_codebooks_per_tensor(plain)
+                                             if samples is not None else (False, False))
+            options["per_channel"] = (not conv_codebook if per_channel_weights is None
+                                      else per_channel_weights)
+            # post-training conversion scales FULLY_CONNECTED weights per channel, which
+            # would multiply a Dense codebook's values; convs stay per channel
+            options["dense_per_tensor"] = dense_codebook
+        flatbuffer = _converter.convert(saved, options, samples, plain.name)
         if short_tensor_names:
             flatbuffer = _shorten_tensor_names(flatbuffer)
         fd, partial = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial",
@@ -241,3 +236,153 @@ def export_tflite(
             raise ExportError(f"int8 export of {plain.name!r} left float or custom ops {bad}; "
                               "the model has ops without int8 kernels")
     return path
+
+
+# --- the converter, in a child process -------------------------------------------------------
+def convert_saved_model(saved: str, options: dict, samples: list[np.ndarray] | None) -> bytes:
+    """``TFLiteConverter.from_saved_model`` with our options (runs in the converter child)."""
+    import tensorflow as tf
+
+    os.ftruncate(2, 0)  # stderr is this job's log: the parent reads it after a crash
+    os.lseek(2, 0, os.SEEK_SET)
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    quantization = options["quantization"]
+    if quantization in ("int8", "dynamic"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "int8":
+        if samples is not None:
+            def gen():
+                for i in range(len(samples[0])):
+                    yield [a[i:i + 1] for a in samples]
+
+            converter.representative_dataset = gen
+        if not options["qat"]:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if options["float_input"]:  # integer inputs (token ids) stay what they are
+            converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        if not options["per_channel"]:
+            converter._experimental_disable_per_channel = True
+        elif options["dense_per_tensor"]:
+            converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+    return converter.convert()
+
+
+class _Converter:
+    """One converter process (``python -m collabopt.export``), reused, replaced after a crash.
+
+    Jobs go over its stdin and answers come back on its stdout, pickled; its stderr is a log
+    file, so the last words of a crash (faulthandler's frames) can be quoted.
+    """
+
+    def __init__(self):
+        self._proc = None
+        self._log = None
+
+    def convert(self, saved: str, options: dict, samples, model_name: str) -> bytes:
+        import pickle
+
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        try:
+            _send(self._proc.stdin, (saved, options, samples))
+            status, value = pickle.loads(_receive(self._proc.stdout))
+        except (EOFError, OSError) as err:  # the process died mid-job
+            code = self._proc.wait()
+            self._proc = None
+            raise ExportError(
+                f"the TFLite converter crashed converting model {model_name!r} "
+                f"({options['quantization']}; {_signal_name(code)}); your process is fine and "
+                f"a fresh converter serves the next export. Its last words: "
+                f"{self._last_words()}. Keras 3 LSTM/GRU layers crash its int8 calibrator: "
+                "export their QAT model (no calibration) "
+                "or quantization='dynamic'.") from err
+        if status == "ok":
+            return value
+        raise ExportError(
+            f"TFLite conversion ({options['quantization']}) of model {model_name!r} failed: "
+            f"{value}. Full-integer int8 needs every op to have an int8 builtin kernel; use "
+            "quantization='dynamic' or 'float' for models that do not.")
+
+    def _start(self):
+        import subprocess
+        import sys
+
+        if self._log is None:
+            fd, self._log = tempfile.mkstemp(prefix="collabopt-converter-", suffix=".log")
+            os.close(fd)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        with open(self._log, "wb") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-X", "faulthandler", "-m", "collabopt.export"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
+
+    def _last_words(self) -> str:
+        try:
+            lines = [ln.strip() for ln in Path(self._log).read_text(errors="replace")
+                     .splitlines() if ln.strip()]
+        except OSError:
+            return "(no log)"
+        fatal = [i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")]
+        if fatal:  # faulthandler: the signal and the innermost Python frames
+            where = [ln for ln in lines[fatal[-1]:] if ln.startswith("File ")][:2]
+            return " | ".join([lines[fatal[-1]], *where])
+        return " | ".join(lines[-3:]) or "(nothing)"
+
+
+def _signal_name(code: int) -> str:
+    import signal
+
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit status {code}"
+
+
+def _send(stream, obj) -> None:
+    import pickle
+
+    data = pickle.dumps(obj, protocol=5)
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _receive(stream) -> bytes:
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("converter process closed its output")
+    n = int.from_bytes(head, "little")
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError("converter process closed its output")
+    return data
+
+
+def _serve() -> None:
+    """The converter process: one job per message until stdin closes."""
+    import pickle
+    import sys
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed goes to the log, not into the protocol
+    while True:
+        try:
+            saved, options, samples = pickle.loads(_receive(stdin))
+        except EOFError:
+            return
+        try:
+            answer = ("ok", convert_saved_model(saved, options, samples))
+        except Exception as err:  # noqa: BLE001 - sent back, raised there as ExportError
+            text = str(err).strip()
+            answer = ("error", text.splitlines()[-1] if text else repr(err))
+        _send(stdout, answer)
+
+
+_converter = _Converter()
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,85 @@
+"""Which zoo models run on TFLite Micro after int8 PTQ, and the arena each needs.
+
+    python benchmarks/bench_micro.py [MODEL ...]
+
+Every model of `collabopt.zoo` (untrained, small inputs: the zoo's shapes) is exported with
+post-training int8 quantization in a child process of its own (the converter's calibrator
+kills the process on some models: that row then says so), then loaded on TFLite Micro by
+`co.tflm_report`: does it run, the tensor arena its interpreter measured, the flash (model
+bytes), and any op TFLM has no kernel for, with its layer. Writes the table into
+docs/microcontrollers.md between its BENCH markers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "microcontrollers.md"
+
+
+def _export(name: str, path: str) -> None:
+    """Child: build zoo model ``name`` and write its PTQ int8 file to ``path``."""
+    import collabopt as co
+    from collabopt.zoo import ZOO
+
+    model, x, _ = ZOO[name]()
+    co.export_tflite(model, path, representative_data=x)
+
+
+def main(argv=None) -> int:
+    import collabopt as co
+    from collabopt.zoo import ZOO
+
+    names = (argv if argv is not None else sys.argv[1:]) or list(ZOO)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            path = Path(tmp) / f"{name}.tflite"
+            start = time.perf_counter()
+            run = subprocess.run([sys.executable, __file__, "--export", name, str(path)],
+                                 capture_output=True, text=True, timeout=1800)
+            if run.returncode != 0:
+                lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+                why = (f"killed by signal {-run.returncode}" if run.returncode < 0
+                       else lines[-1][:120] if lines else f"exit {run.returncode}")
+                rows.append((name, f"PTQ export failed: {why}", "–", "–", "–"))
+                print(name, rows[-1][1], flush=True)
+                continue
+            report = co.tflm_report(path)
+            fully = co.inspect(path).fully_integer
+            rows.append((name, "yes" if report.runs else "no",
+                         f"{report.arena_bytes:,}" if report.arena_bytes else "–",
+                         f"{report.flash_bytes:,}",
+                         ", ".join(f"{u['op']} ({u['layer']})" for u in report.unsupported)
+                         or ("" if report.runs else str(report.error))
+                         + ("" if fully else " (file not fully int8)")))
+            print(name, rows[-1], f"{time.perf_counter() - start:.0f}s", flush=True)
+    from collabopt.micro import _version
+
+    table = "\n".join([
+        f"Measured {time.strftime('%Y-%m-%d')}, tflite-micro {_version()}, "
+        f"`python benchmarks/bench_micro.py`.", "",
+        "| model (collabopt.zoo) | runs on TFLM | arena (B) | flash (B) | what is missing |",
+        "|---|---|---|---|---|",
+        *[f"| {' | '.join(r)} |" for r in rows]])
+    print(table)
+    if argv is None and len(names) == len(ZOO):
+        text = DOC.read_text()
+        start, end = "<!-- BENCH:start -->", "<!-- BENCH:end -->"
+        head, rest = text.split(start)
+        DOC.write_text(head + start + "\n" + table + "\n" + end + rest.split(end)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--export"]:
+        _export(*sys.argv[2:4])
+        sys.exit(0)
+    sys.exit(main())
