@@ -94,7 +94,15 @@ def _child(command: str, *args: str, timeout: float = 600) -> tuple[dict, str]:
     if run.returncode == 0 and lines:
         return json.loads(lines[-1]), run.stderr
     if run.returncode < 0:
-        reason = f"the TFLM interpreter crashed (signal {-run.returncode})"
+        import signal
+
+        try:
+            sig = signal.Signals(-run.returncode).name
+        except ValueError:
+            sig = f"signal {-run.returncode}"
+        reason = (f"the TFLM interpreter aborted ({sig}) loading or running the file: a "
+                  "kernel's internal check failed (e.g. a quantization scale outside what "
+                  "it supports); this process is unaffected")
     else:
         tail = [line for line in run.stderr.splitlines() if line.strip()]
         reason = tail[-1] if tail else f"exit status {run.returncode}"
