@@ -29,7 +29,9 @@ _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "uint8":
 # weight input index -> axis of output channels in the TFLite layout
 _WEIGHT_OPS = {"CONV_2D": (1, 0), "FULLY_CONNECTED": (1, 0), "DEPTHWISE_CONV_2D": (1, 3),
                "TRANSPOSE_CONV": (1, 0), "CONV_3D": (1, 4), "CONV_3D_TRANSPOSE": (1, 3),
-               "EMBEDDING_LOOKUP": (1, 0), "GATHER": (0, 0), "BATCH_MATMUL": (1, -1)}
+               "EMBEDDING_LOOKUP": (1, 0), "GATHER": (0, 0), "BATCH_MATMUL": (1, -1),
+               # a constant split at run time: a QAT recurrent kernel, one piece per gate
+               "SPLIT": (1, -1)}
 # ops that legitimately carry non-int8 tensors in a full-integer model
 _INTEGER_OK = {"QUANTIZE", "DEQUANTIZE", "SHAPE", "STRIDED_SLICE", "PACK", "RESHAPE",
                "GATHER", "CAST"}
@@ -356,6 +358,34 @@ def _dequantize(t: TensorStats) -> np.ndarray:
     return v * t.scales.reshape(shape)
 
 
+def _gates(owner) -> int:
+    """Gates a recurrent cell stacks along its kernels' last axis (LSTM 4, GRU 3), else 1."""
+    import keras
+
+    if isinstance(owner, keras.layers.LSTMCell):
+        return 4
+    if isinstance(owner, keras.layers.GRUCell):
+        return 3
+    return 1
+
+
+def _match(w: np.ndarray, channel_axes, layer_name: str, tensors, used: set[int]):
+    """The file tensor holding ``w`` (closest after a per-channel rescale), marked used."""
+    best = None
+    for i, t in enumerate(tensors):
+        if i in used or t.size != w.size:
+            continue
+        for cand in _layouts(w, t.shape, channel_axes):
+            err = _scaled_error(_dequantize(t), cand.astype(np.float64))
+            bonus = 0 if t.layer == layer_name else 1
+            key = (round(err, 3), bonus, err)  # values first, names break ties
+            if best is None or key < best[0]:
+                best = (key, i, t, cand)
+    if best is not None:
+        used.add(best[1])
+    return best
+
+
 def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[WeightCheck]:
     """Check that the file keeps the model's structure; raise VerificationError if not.
 
@@ -385,24 +415,31 @@ def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[Wei
             st = structure.detect(w, spec.channel_axes)
             check = WeightCheck(layer.name, spec.name, False, st.sparsity, 0.0, 0, st.unique, 0,
                                 st.unique_per_channel_max, 0)
-            best = None
-            for i, t in enumerate(report.tensors):
-                if i in used or t.size != w.size:
-                    continue
-                for cand in _layouts(w, t.shape, spec.channel_axes):
-                    err = _scaled_error(_dequantize(t), cand.astype(np.float64))
-                    bonus = 0 if t.layer == layer.name else 1
-                    key = (round(err, 3), bonus, err)  # values first, names break ties
-                    if best is None or key < best[0]:
-                        best = (key, i, t, cand)
-            if best is not None:
-                _, i, t, cand = best
-                used.add(i)
+            # a gated recurrent kernel may be in the file whole, or one tensor per gate
+            options = [[w]]
+            gates = _gates(registry.locate(layer, spec.name)[0])
+            if gates > 1 and w.shape[-1] % gates == 0:
+                options.append(np.split(w, gates, axis=-1))
+            found = None
+            for parts in options:
+                taken = set(used)
+                matches = [_match(part, spec.channel_axes, layer.name, report.tensors, taken)
+                           for part in parts]
+                if all(matches):
+                    err = max(m[0][0] for m in matches)
+                    if found is None or err < found[0]:
+                        found = (err, matches, taken)
+            if found is not None:
+                _, matches, used = found
                 check.found = True
-                check.file_sparsity = t.sparsity
-                check.zeros_lost = int(np.count_nonzero((cand == 0) & (t.values != 0)))
-                check.file_unique = t.unique
-                check.file_unique_per_channel_max = t.unique_per_channel_max
+                sizes = [m[2].size for m in matches]
+                check.file_sparsity = float(np.average([m[2].sparsity for m in matches],
+                                                       weights=sizes))
+                check.zeros_lost = sum(int(np.count_nonzero((cand == 0) & (t.values != 0)))
+                                       for _, _, t, cand in matches)
+                check.file_unique = max(t.unique for _, _, t, _ in matches)
+                check.file_unique_per_channel_max = max(t.unique_per_channel_max
+                                                        for _, _, t, _ in matches)
             checks.append(check)
     broken = [c for c in checks if c.problems]
     if broken:
