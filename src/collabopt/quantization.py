@@ -180,8 +180,8 @@ def quantize(
                 chain.append(PruneMask({"kind": "ConstantSparsity", "target": st.sparsity,
                                         "begin_step": 0, "end_step": 0, "frequency": 1},
                                        **axes))
-            chain.append(WeightFakeQuant(per_channel=_int8_per_channel(s, st, preserve),
-                                         **axes))
+            chain.append(WeightFakeQuant(
+                per_channel=_int8_per_channel(s, st, preserve, layer), **axes))
             chains[s.name] = chain
         return chains, {"quantize_output": layer.name not in fused and layer.name not in kept,
                         "quantize_input": layer.name in consumers}
@@ -222,17 +222,29 @@ def _bns_to_keep(model, preserve, layers: LayerSelector) -> dict[str, str]:
             continue
         s = specs[0]
         st = structure.detect(registry.find_variable(producer, s.name).numpy(), s.channel_axes)
-        if _int8_per_channel(s, st, preserve):
+        if _int8_per_channel(s, st, preserve, producer):
             kept[producer.name] = bn.name
     return kept
 
 
-def _int8_per_channel(spec: registry.WeightSpec, st: structure.Structure, preserve) -> bool:
+def _int8_per_channel(spec: registry.WeightSpec, st: structure.Structure, preserve,
+                      layer=None) -> bool:
     """Whether QAT fake-quantizes this weight per output channel: where the kernel takes
-    per-channel scales, unless a per-tensor codebook has to keep one scale."""
+    per-channel scales, unless a per-tensor codebook has to keep one scale.
+
+    1-D convolutions get one scale: the converter turns them into 2-D ones by reshaping the
+    kernel and keeps the fake-quant's channel axis where it was (2 instead of 3), then
+    refuses its own reshape ("'tfl.reshape' op requires 'output' type ... cast compatible").
+    """
     per_tensor_codebook = (st.clustered and st.clustered_per_tensor
                            and preserve in (None, "clusters", "all"))
+    if layer is not None and isinstance(registry.locate(layer, spec.name)[0], _CONV_1D):
+        return False
     return spec.int8_per_channel and not per_tensor_codebook
+
+
+_CONV_1D = (keras.layers.Conv1D, keras.layers.DepthwiseConv1D, keras.layers.SeparableConv1D,
+            keras.layers.Conv1DTranspose)
 
 
 def scheme_of(model: keras.Model) -> str:
