@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import keras
 import pytest
@@ -47,7 +48,7 @@ class KillNode(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         run, name = sys.argv[-2:]  # python -m collabopt.parallel RUN NODE
         if name == self.node:
-            (parallel.Path(run) / "nodes" / f"{name}.partial.keras").write_bytes(b"half")
+            (Path(run) / "nodes" / f"{name}.partial.keras").write_bytes(b"half")
             os.kill(os.getpid(), signal.SIGKILL)
 
 
