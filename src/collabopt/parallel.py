@@ -206,7 +206,10 @@ def train_nodes(tree, out: Path, names: list[str], executor: Executor, log) -> d
                     continue
                 log(f"[tree] {name}: {op_of[name]} of {parent}, fine-tuning on a worker "
                     f"(output: {out / 'nodes' / (name + '.log')})")
-        if not running:
+        if not running:  # what is left waits on a parent that failed before this call
+            for name in todo:
+                failed[name] = f"its parent {parent_of[name]} failed"
+                log(f"[tree] {name}: skipped, {failed[name]}")
             break
         finished, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in finished:

@@ -393,7 +393,8 @@ class DeploymentTree:
             parallel.prepare_run(self, out)
 
         def train_in_parallel(leaves) -> None:
-            names = parallel.needed_nodes(self, {leaf.node for leaf in leaves})
+            names = [n for n in parallel.needed_nodes(self, {leaf.node for leaf in leaves})
+                     if n not in node_failures]  # a failed node is retried by a re-run only
             node_failures.update(parallel.train_nodes(self, out, names, executor, log))
 
         x_val, y_val = _as_arrays(self.val)
