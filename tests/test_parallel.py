@@ -137,3 +137,22 @@ def test_a_failing_node_in_a_sequential_run_fails_its_leaves_only(tmp_path, trai
     assert {f["path"]: f["error"] for f in result.failed} == {
         "prune → PTQ": "node prune: RuntimeError: boom",
         "PQAT": "node prune: RuntimeError: boom"}
+
+
+def test_a_node_whose_parent_failed_earlier_is_reported_not_trained(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from collabopt.tree import _plan
+
+    class Tree:
+        nodes = _plan(per_channel=False)[0]
+
+    (tmp_path / "nodes").mkdir()
+    messages = []
+    with ThreadPoolExecutor(1) as never_used:
+        failed = parallel.train_nodes(Tree, tmp_path, ["pqat", "pcqat"], never_used,
+                                      messages.append)
+    assert failed == {"pqat": "its parent prune failed",
+                      "pcqat": "its parent prune_cluster failed"}
+    assert parallel.needed_nodes(Tree, {"pcqat"}) == ["base", "prune", "prune_cluster",
+                                                     "pcqat"]
