@@ -7,7 +7,7 @@ MNIST, 6,000 training images, one fine-tuning epoch per node, per-channel branch
 nodes, 12 leaves; `--full`: the `collabopt demo` settings, 60,000 images, two epochs).
 The estimate for N workers replays the sequential run's node times on N workers (a node
 starts when its parent is done and a worker is free), plus the leaf time, which the explorer
-always spends in its own process. Writes the table into docs/parallel_tree.md between its
+always spends in its own process. Writes the table into docs/distributed.md between its
 BENCH markers.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "parallel_tree.md"
+DOC = ROOT / "docs" / "distributed.md"
 
 
 def _tree(base, data, epochs):
