@@ -56,6 +56,13 @@ def write_section(name: str, title: str, body: str) -> None:
     DOC.write_text(text)
 
 
+def replace_marked(doc: Path, text: str) -> None:
+    """Put ``text`` between the page's ``<!-- BENCH:start -->`` / ``end`` markers."""
+    start, end = "<!-- BENCH:start -->", "<!-- BENCH:end -->"
+    head, rest = doc.read_text().split(start)
+    doc.write_text(head + start + "\n" + text + "\n" + end + rest.split(end)[1])
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

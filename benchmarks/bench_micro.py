@@ -117,10 +117,9 @@ def main(argv=None) -> int:
         *[f"| {' | '.join(r)} |" for r in rows]])
     print(table)
     if everything:
-        text = DOC.read_text()
-        start, end = "<!-- BENCH:start -->", "<!-- BENCH:end -->"
-        head, rest = text.split(start)
-        DOC.write_text(head + start + "\n" + table + "\n" + end + rest.split(end)[1])
+        from _common import replace_marked
+
+        replace_marked(DOC, table)
     return 0
 
 
