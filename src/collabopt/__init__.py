@@ -22,6 +22,7 @@ _API = {
     "register_layer": "core.registry",
     "WeightSpec": "core.registry",
     "export_tflite": "export",
+    "check_int8": "export",
     "inspect": "inspection",
     "verify": "inspection",
     "evaluate_tflite": "inspection",

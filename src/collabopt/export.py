@@ -25,7 +25,14 @@ QUANTIZATIONS = ("int8", "dynamic", "float")
 
 
 class ExportError(RuntimeError):
-    """The converter could not produce the requested file; the message says why and what to do."""
+    """The converter could not produce the requested file; the message says why and what to do.
+
+    ``operators``: for an int8 file left with non-integer ops, each (op, Keras layer).
+    """
+
+    def __init__(self, message: str, operators: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.operators = operators
 
 
 def _is_qat(model) -> bool:
@@ -232,7 +239,8 @@ def export_tflite(
     Each is cut to the piece naming its layer's op ("conv/convolution"), which is what a
     viewer or ``collabopt.inspect`` needs; input and output names are kept.
     """
-    from collabopt.core.rewrite import ensure_built, is_wrapped, strip
+    from collabopt.core import lowerings
+    from collabopt.core.rewrite import ensure_built, is_wrapped, iter_layers, strip
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -254,7 +262,7 @@ def export_tflite(
 
     with tempfile.TemporaryDirectory(prefix="collabopt-export-") as tmp:
         saved = os.path.join(tmp, "saved_model")
-        with _unrolled(plain):
+        with _unrolled(plain), lowerings.export_form(iter_layers(plain)):
             plain.export(saved, format="tf_saved_model", verbose=False,
                          input_signature=_input_signature(plain))
         options = {"quantization": quantization, "qat": qat,
@@ -284,14 +292,60 @@ def export_tflite(
             raise
     if quantization == "int8":
         from collabopt.inspection import inspect as inspect_file
+        from collabopt.inspection import non_integer_operators
 
-        report = inspect_file(path)
-        bad = report.non_integer_ops
-        if bad:
+        if inspect_file(path).non_integer_ops:
+            bad = non_integer_operators(path)
             os.remove(path)
-            raise ExportError(f"int8 export of {plain.name!r} left float or custom ops {bad}; "
-                              "the model has ops without int8 kernels")
+            raise ExportError(_float_ops_message(plain.name, bad, qat and samples is None), bad)
     return path
+
+
+def check_int8(model, representative_data=None) -> list[tuple[str, str]]:
+    """(op, Keras layer) for every op of ``model`` that a fully-int8 TFLite file cannot hold;
+    empty when it deploys. Call it before spending training time: it converts the model
+    post-training (seconds), calibrated on ``representative_data`` or, without it, on random
+    inputs of the model's shapes (zeros for integer inputs such as token ids)."""
+    from collabopt.core.rewrite import ensure_built
+
+    ensure_built(model)
+    if representative_data is None:
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            raise ValueError("check_int8 of a subclassed model needs representative_data")
+        if any(None in tuple(t.shape[1:]) for t in inputs):
+            raise ValueError("check_int8 needs fixed input shapes (keras.Input((h, w, c)), not "
+                             "None) or representative_data")
+        rng = np.random.default_rng(0)
+        representative_data = [
+            np.zeros((8, *t.shape[1:]), _input_dtype(t))
+            if np.issubdtype(_input_dtype(t), np.integer)
+            else rng.normal(size=(8, *t.shape[1:])).astype(_input_dtype(t)) for t in inputs]
+    with tempfile.TemporaryDirectory(prefix="collabopt-check-") as tmp:
+        try:
+            export_tflite(model, Path(tmp) / "check.tflite",
+                          representative_data=representative_data)
+        except ExportError as err:
+            if err.operators is None:
+                raise
+            return err.operators
+    return []
+
+
+def _float_ops_message(model_name: str, bad: list[tuple[str, str]], uncalibrated_qat: bool
+                       ) -> str:
+    by_layer: dict[str, list[str]] = {}
+    for op, layer in bad:
+        by_layer.setdefault(layer, [])
+        if op not in by_layer[layer]:
+            by_layer[layer].append(op)
+    where = "; ".join(f"{', '.join(ops)} from layer {layer!r}" for layer, ops in by_layer.items())
+    fix = ("These tensors have no QAT range (ops inside a layer's own call, say): pass "
+           "representative_data, e.g. x_train[:300], to calibrate them."
+           if uncalibrated_qat else
+           "TFLite has no int8 kernel for these ops: replace those layers, leave them out of "
+           "the model, or export with quantization='dynamic' or 'float'.")
+    return f"int8 export of {model_name!r} left non-integer ops: {where}. {fix}"
 
 
 # --- the converter, in a child process -------------------------------------------------------

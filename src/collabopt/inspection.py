@@ -215,13 +215,56 @@ def operator_outputs(path: str | os.PathLike) -> list[tuple[str, str]]:
         data = model.buffers[graph.tensors[i].buffer].data
         return data is None or len(data) == 0
 
+    producer = {i: op for op in graph.operators or [] for i in op.outputs if i >= 0}
+
+    def name(i):
+        return graph.tensors[i].name.decode(errors="replace")
+
+    def layer_tensor(i, depth=0):
+        # converter-made tensors (a DEQUANTIZE's "tfl.dequantize", a graph output named after
+        # the signature) say nothing: look at what produced them
+        if not (name(i).startswith(_UNNAMED) or i in outputs) or depth > 3:
+            return name(i)
+        op = producer.get(i)
+        ins = [j for j in (op.inputs if op is not None else []) if j >= 0 and activation(j)]
+        return layer_tensor(ins[0], depth + 1) if ins else name(i)
+
     for op in graph.operators or []:
-        # a graph output is named after the signature, not the layer: then the last input
-        ids = [i for i in op.outputs if i >= 0 and i not in outputs] or [
-            i for i in reversed(op.inputs) if i >= 0 and activation(i)]
-        tensor = graph.tensors[ids[0]].name.decode(errors="replace") if ids else "?"
+        # an op's output names its layer; a graph output or a converter-made tensor does
+        # not: then the last input, traced back through dequantize ops
+        ids = [i for i in op.outputs if i >= 0 and i not in outputs
+               and not name(i).startswith(_UNNAMED)]
+        if ids:
+            tensor = name(ids[0])
+        else:
+            ins = [i for i in reversed(op.inputs) if i >= 0 and activation(i)]
+            tensor = layer_tensor(ins[0]) if ins else "?"
         out.append((op_name(model.operatorCodes[op.opcodeIndex]), _layer_name(tensor)))
     return out
+
+
+_UNNAMED = ("tfl.", "StatefulPartitionedCall", "serving_default")
+
+
+def _non_integer(name: str, op, graph) -> str | None:
+    """"NAME(float)" or the custom op's name when the operator is not an integer kernel."""
+    if name.startswith("CUSTOM:") or name == "FLEX_DELEGATE" or name.startswith("Flex"):
+        return name
+    io_types = {_DTYPES.get(graph.tensors[i].type, "?")
+                for i in list(op.inputs) + list(op.outputs) if i >= 0}
+    if io_types & {"float32", "float16"} and name not in _INTEGER_OK:
+        return f"{name}(float)"
+    return None
+
+
+def non_integer_operators(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(operator, Keras layer it comes from) for each operator that is not integer."""
+    _, model = _load(path)
+    op_name, graph = _op_namer(), model.subgraphs[0]
+    named = operator_outputs(path)
+    return [(problem, layer) for op, (_, layer) in zip(graph.operators or [], named, strict=True)
+            if (problem := _non_integer(op_name(model.operatorCodes[op.opcodeIndex]), op,
+                                        graph))]
 
 
 def inspect(path: str | os.PathLike) -> Report:
@@ -234,12 +277,9 @@ def inspect(path: str | os.PathLike) -> Report:
         for op in graph.operators or []:
             name = op_name(model.operatorCodes[op.opcodeIndex])
             operators.append(name)
-            io_types = {_DTYPES.get(graph.tensors[i].type, "?")
-                        for i in list(op.inputs) + list(op.outputs) if i >= 0}
-            if name.startswith("CUSTOM:") or name == "FLEX_DELEGATE" or name.startswith("Flex"):
-                flagged.append(name)
-            elif io_types & {"float32", "float16"} and name not in _INTEGER_OK:
-                flagged.append(f"{name}(float)")
+            problem = _non_integer(name, op, graph)
+            if problem:
+                flagged.append(problem)
             if name not in _WEIGHT_OPS:
                 continue
             idx, axis = _WEIGHT_OPS[name]

@@ -34,7 +34,7 @@ from collabopt.batchnorm import (  # noqa: F401 - fold_batchnorm is public from 
     fold_batchnorm_behind_per_tensor,
 )
 from collabopt.clustering import ClusterWeights
-from collabopt.core import registry, structure
+from collabopt.core import lowerings, registry, structure
 from collabopt.core.rewrite import (
     LayerSelector,
     apply_to_model,
@@ -44,7 +44,7 @@ from collabopt.core.rewrite import (
     strip,
 )
 from collabopt.core.transform import Transform
-from collabopt.core.wrapper import OptimizedLayer
+from collabopt.core.wrapper import OptimizedLayer, QuantizedOp
 from collabopt.pruning import PruneMask
 
 PRESERVE = (None, "none", "sparsity", "clusters", "all")
@@ -184,22 +184,25 @@ def quantize(
                 per_channel=_int8_per_channel(s, st, preserve, layer), **axes))
             chains[s.name] = chain
         return chains, {"quantize_output": layer.name not in fused and layer.name not in kept,
-                        "quantize_input": layer.name in consumers}
+                        "quantize_input": layer.name in consumers, "quantize_inner": True}
 
     def wrap_other(layer):
         if isinstance(layer, keras.layers.InputLayer):
             return None
-        if layer.weights and layer.name not in kept.values():
+        if layer.weights and layer.name not in kept.values() and lowerings.get(layer) is None:
             return None  # outside the registry: left as it is (and reported skipped)
         pass_through = isinstance(layer, (*registry.PASS_THROUGH, keras.layers.Identity,
                                           FoldedBatchNorm)) or layer.name in silent_bns
         if pass_through and layer.name not in consumers:
             return None
         return {}, {"quantize_output": not pass_through,
-                    "quantize_input": layer.name in consumers}
+                    "quantize_input": layer.name in consumers, "quantize_inner": True}
+
+    def wrap_op(op):
+        return QuantizedOp(op) if type(op).__name__ in _COMPUTING_OPS else None
 
     result = apply_to_model(model, "quantize", make_chains, layers=layers, verbose=verbose,
-                            min_weights=0, wrap_other=wrap_other)
+                            min_weights=0, wrap_other=wrap_other, wrap_op=wrap_op)
     for scheme in ("sparsity", "clusters"):
         if preserve in (scheme, "all") and not found[scheme]:
             raise ValueError(
@@ -207,6 +210,13 @@ def quantize(
                 f"(detected from the weights: {scheme} absent). Prune/cluster first, or use "
                 "preserve=None to detect.")
     return result
+
+
+#: keras.ops nodes of a functional graph that compute new values (an int8 kernel with its own
+#: output scale); reshapes, slices and transposes keep their input's scale and get no range
+_COMPUTING_OPS = frozenset({
+    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Matmul", "Einsum", "Mean",
+    "Square", "Concatenate"})
 
 
 def _bns_to_keep(model, preserve, layers: LayerSelector) -> dict[str, str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import keras
 
 from collabopt.core import registry
-from collabopt.core.wrapper import OptimizedLayer, build_by_calling
+from collabopt.core.wrapper import OptimizedLayer, QuantizedOp, build_by_calling
 
 LayerSelector = str | type | Callable[[keras.layers.Layer], bool] | Iterable[str | type] | None
 
@@ -99,16 +99,20 @@ def _is_functional_like(model) -> bool:
 
 
 def rewrite(model: keras.Model,
-            replace: Callable[[keras.layers.Layer], keras.layers.Layer | None]) -> keras.Model:
-    """Copy ``model``; each leaf layer becomes ``replace(layer)`` or, if None, a plain copy."""
+            replace: Callable[[keras.layers.Layer], keras.layers.Layer | None],
+            replace_op: Callable[[object], keras.layers.Layer | None] | None = None,
+            ) -> keras.Model:
+    """Copy ``model``; each leaf layer becomes ``replace(layer)`` or, if None, a plain copy;
+    each stateless op of a functional graph (``x * 2.0``) ``replace_op(op)`` or itself."""
 
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):  # a stateless op such as `x * 2.0`
-            return layer
+            new = replace_op(layer) if replace_op is not None else None
+            return layer if new is None else new
         if isinstance(layer, keras.layers.InputLayer):
             return layer.__class__.from_config(layer.get_config())
         if isinstance(layer, keras.Model) and not isinstance(layer, OptimizedLayer):
-            return rewrite(layer, replace)
+            return rewrite(layer, replace, replace_op)
         new = replace(layer)
         return copy_layer(layer) if new is None else new
 
@@ -202,6 +206,9 @@ def _rewrite_subclassed(model: keras.Model, clone) -> keras.Model:
             object.__setattr__(new, attr, items)
     new._layers[:] = [replaced.get(id(layer), layer) for layer in new._layers]
     new.built = True
+    if getattr(model, "_called", False):  # export takes its input signature from the call
+        new._build_shapes_dict = model._build_shapes_dict
+        new._called = True
     _compile_like(new, model)
     return new
 
@@ -276,6 +283,7 @@ def apply_to_model(
     verbose: bool = True,
     min_weights: int = 32,
     wrap_other: Callable[[keras.layers.Layer], tuple[dict, dict] | None] | None = None,
+    wrap_op: Callable[[object], keras.layers.Layer | None] | None = None,
 ) -> keras.Model:
     """Shared engine of prune/cluster/quantize: select layers, wrap them, report.
 
@@ -283,7 +291,8 @@ def apply_to_model(
     with a dict of wrapper options, as a pair) or a string saying why the layer is skipped.
     ``explicit`` is True when the user named the layer, in which case a skip reason becomes a
     ValueError. ``wrap_other(layer)`` may wrap layers outside the registry (QAT activation
-    ranges) by returning ``(chains, options)``.
+    ranges) by returning ``(chains, options)``; ``wrap_op(op)`` may replace a stateless op of
+    a functional graph by a layer.
     """
     ensure_built(model)
     match, names = layer_matcher(layers)
@@ -334,7 +343,7 @@ def apply_to_model(
         summary.wrapped.append(layer.name)
         return wrapped
 
-    result = rewrite(model, replace)
+    result = rewrite(model, replace, wrap_op)
     if not summary.wrapped:
         raise ValueError(
             f"collabopt.{action}: nothing to optimize in model {model.name!r}. "
@@ -352,7 +361,8 @@ def wrap(layer: keras.layers.Layer, chains: dict, **options) -> OptimizedLayer:
         for name, chain in chains.items():
             merged.setdefault(name, []).extend(chain)
         options = {"quantize_input": layer.quantize_input,
-                   "quantize_output": layer.quantize_output, **options}
+                   "quantize_output": layer.quantize_output,
+                   "quantize_inner": layer.quantize_inner, **options}
         new = OptimizedLayer(copy_layer(layer.layer), merged, **options)
         new.build(input_shape(layer))
         new.step.assign(layer.step.value)  # copies carry host weights and old transform state
@@ -360,7 +370,13 @@ def wrap(layer: keras.layers.Layer, chains: dict, **options) -> OptimizedLayer:
         return new
     host = copy_layer(layer)
     new = OptimizedLayer(host, chains, **options)
-    new.build(input_shape(layer))
+    try:
+        shape = input_shape(layer)
+    except ValueError:
+        if chains:
+            raise
+        return new  # weightless, inside a subclassed model: built by its first call
+    new.build(shape)
     new.initialize_transforms()
     return new
 
@@ -399,6 +415,8 @@ def strip(model: keras.Model, keep_quantization: bool = False) -> keras.Model:
     """
 
     def replace(layer):
+        if isinstance(layer, QuantizedOp):
+            return copy_layer(layer) if keep_quantization else layer.bare_call
         if not isinstance(layer, OptimizedLayer):
             return None
         host = copy_layer(layer.layer)
@@ -406,20 +424,18 @@ def strip(model: keras.Model, keep_quantization: bool = False) -> keras.Model:
             var = registry.find_variable(host, name)
             var.assign(keras.ops.convert_to_numpy(
                 layer.transformed_weight(name, upto_export=True)))
-        quantized = any(t.kept_at_export for t in layer.transforms) or layer.quantize_output \
-            or layer.quantize_input
+        quantized = any(t.kept_at_export for t in layer.transforms) or bool(layer.ranges)
         if not (keep_quantization and quantized):
             return host
         kept = {name: [copy_layer(t) for t in chain if t.kept_at_export]
                 for name, chain in layer.chains.items()}
         kept = {name: chain for name, chain in kept.items() if chain}
         new = OptimizedLayer(host, kept, quantize_input=layer.quantize_input,
-                             quantize_output=layer.quantize_output)
+                             quantize_output=layer.quantize_output,
+                             quantize_inner=layer.quantize_inner)
         new.build(input_shape(layer))
-        for src, dst in ((layer.input_range, new.input_range),
-                         (layer.output_range, new.output_range)):
-            if src is not None:
-                dst.set_weights(src.get_weights())
+        for name, r in layer.ranges.items():
+            new.ranges[name].set_weights(r.get_weights())
         return new
 
     return rewrite(model, replace)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from collabopt.core import registry
+from collabopt.core import activations, lowerings, registry
 from collabopt.core.transform import Transform
 
 
@@ -29,12 +29,17 @@ class ActivationRange(keras.layers.Layer):
 
     The first training batch sets the range outright (short fine-tunes never recover from an
     arbitrary initial range); later batches move it by ``1 - decay``. The range always contains
-    zero, as TFLite requires.
+    zero, as TFLite requires. ``fixed`` names an activation whose int8 kernel dictates the
+    grid (``activations.FIXED_RANGES``): that grid is used and nothing is learned.
     """
 
-    def __init__(self, decay: float = 0.99, **kwargs):
+    def __init__(self, decay: float = 0.99, fixed: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.decay = float(decay)
+        if fixed is not None and fixed not in activations.FIXED_RANGES:
+            raise ValueError(f"fixed must be one of {sorted(activations.FIXED_RANGES)}, "
+                             f"got {fixed!r}")
+        self.fixed = fixed
 
     def build(self, input_shape=None):
         self.range_min = self.add_weight(
@@ -48,6 +53,8 @@ class ActivationRange(keras.layers.Layer):
         self.built = True
 
     def call(self, x, training=False):
+        if self.fixed is not None:
+            return activations.fixed_fake_quant(x, self.fixed)
         if training:
             x_stop = ops.stop_gradient(ops.cast(x, "float32"))
             batch_min = ops.minimum(ops.min(x_stop), 0.0)
@@ -66,14 +73,15 @@ class ActivationRange(keras.layers.Layer):
         return keras.quantizers.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
 
     def get_config(self):
-        return {**super().get_config(), "decay": self.decay}
+        return {**super().get_config(), "decay": self.decay, "fixed": self.fixed}
 
 
 @keras.saving.register_keras_serializable(package="collabopt")
 class OptimizedLayer(keras.layers.Layer):
     """Host layer + per-weight transform chains (+ optional activation ranges for QAT)."""
 
-    def __init__(self, layer, chains=None, quantize_input=False, quantize_output=False, **kwargs):
+    def __init__(self, layer, chains=None, quantize_input=False, quantize_output=False,
+                 quantize_inner=False, **kwargs):
         kwargs.setdefault("name", layer.name)
         super().__init__(**kwargs)
         self.layer = layer
@@ -83,11 +91,33 @@ class OptimizedLayer(keras.layers.Layer):
         self.transforms = [t for chain in chains.values() for t in chain]
         self.quantize_input = bool(quantize_input)
         self.quantize_output = bool(quantize_output)
+        # QAT of the int8 tensors TFLite makes inside the host: an activation it does not
+        # fuse (the host then runs linear and the activation runs here), or a layer it
+        # lowers to several ops (lowerings), which then runs op by op here
+        self.lowering = lowerings.get(layer) if quantize_inner else None
+        self.quantize_inner = bool(quantize_inner) and (
+            self.lowering is not None or activations.unfused(layer))
+        self.inner_ranges = [ActivationRange(name=f"inner_range_{i}", dtype="float32")
+                             for i in range(self.lowering.inner_tensors if self.lowering else 0)]
+        activation = (activations.name_of(layer.activation)
+                      if self.quantize_inner and self.lowering is None else None)
         # Ranges run in float32 whatever the mixed-precision policy (int8 ranges need it).
         self.input_range = (ActivationRange(name="input_range", dtype="float32")
                             if quantize_input else None)
-        self.output_range = (ActivationRange(name="output_range", dtype="float32")
+        self.preactivation_range = (
+            ActivationRange(name="preactivation_range", dtype="float32")
+            if activation is not None and not isinstance(layer, keras.layers.Activation)
+            else None)
+        fixed = activation if activation in activations.FIXED_RANGES else None
+        self.output_range = (ActivationRange(name="output_range", dtype="float32", fixed=fixed)
                              if quantize_output else None)
+
+    @property
+    def ranges(self) -> dict[str, ActivationRange]:
+        found = (("input_range", self.input_range),
+                 ("preactivation_range", self.preactivation_range),
+                 *((r.name, r) for r in self.inner_ranges), ("output_range", self.output_range))
+        return {name: r for name, r in found if r is not None}
 
     # --- structure ---------------------------------------------------------------------
     @property
@@ -114,10 +144,8 @@ class OptimizedLayer(keras.layers.Layer):
         # every replica computes the same mask and step, and ranges are averaged.
         self.step = self.add_weight(name="step", shape=(), dtype="int32", initializer="zeros",
                                     trainable=False, aggregation="only_first_replica")
-        if self.input_range is not None:
-            self.input_range.build()
-        if self.output_range is not None:
-            self.output_range.build()
+        for r in self.ranges.values():
+            r.build()
         self.built = True
 
     def initialize_transforms(self, only: list[Transform] | None = None) -> None:
@@ -154,8 +182,17 @@ class OptimizedLayer(keras.layers.Layer):
             swapped[name] = self.transformed_weight(name, training=training)
         if training:
             self.step.assign_add(1)
+        if self.lowering is not None:
+            outputs = self.lowering.call(
+                self.layer, inputs, lambda i, t: self.inner_ranges[i](t, training=training))
+            return outputs if self.output_range is None else self.output_range(
+                outputs, training=training)
         originals = []
+        activation = (self.layer.activation if self.quantize_inner and self.lowering is None
+                      else None)
         try:
+            if activation is not None:
+                object.__setattr__(self.layer, "activation", keras.activations.linear)
             for name, tensor in swapped.items():
                 var, owner, attr = self._targets[name]
                 originals.append((owner, attr, var))
@@ -166,6 +203,13 @@ class OptimizedLayer(keras.layers.Layer):
         finally:
             for owner, attr, var in originals:
                 object.__setattr__(owner, attr, var)
+            if activation is not None:
+                object.__setattr__(self.layer, "activation", activation)
+        if activation is not None:
+            if self.preactivation_range is not None:
+                outputs = self.preactivation_range(outputs, training=training)
+            name = activations.name_of(activation)
+            outputs = activations.quantized(name, activation)(outputs)
         if self.output_range is not None:
             outputs = self.output_range(outputs, training=training)
         return outputs
@@ -186,6 +230,7 @@ class OptimizedLayer(keras.layers.Layer):
                     for name, chain in self.chains.items()},
             quantize_input=self.quantize_input,
             quantize_output=self.quantize_output,
+            quantize_inner=self.quantize_inner,
         )
         return config
 
@@ -202,3 +247,61 @@ class OptimizedLayer(keras.layers.Layer):
                  for name, chain in self.chains.items()]
         return f"{self.name} ({type(self.layer).__name__}) " + "; ".join(parts)
 
+
+
+@keras.saving.register_keras_serializable(package="collabopt")
+class QuantizedOp(keras.layers.Layer):
+    """A stateless op of a functional model (``x + 3.0``, ``a * b``) followed by the
+    activation range of its output: the converter makes each such op an int8 kernel
+    (ADD, MUL, ...), which needs a range like any layer's output."""
+
+    def __init__(self, operation, **kwargs):
+        kwargs.setdefault("name", operation.name)
+        super().__init__(**kwargs)
+        self.operation = operation
+        self.output_range = ActivationRange(name="output_range", dtype="float32")
+        self.output_range.build()
+        self.built = True  # the op may take a constant first (`2.0 - x`): nothing to build
+
+    def __call__(self, *args, **kwargs):
+        # Keras layers take only tensors positionally: constants travel by keyword, with
+        # their places in the op's argument list (a graph replays the split call as it is)
+        if "constants" in kwargs:
+            return super().__call__(*args, **kwargs)
+        constants = [None if _holds_tensor(a) else a for a in args]
+        tensors = [a for a in args if _holds_tensor(a)]
+        return super().__call__(*tensors, constants=constants, **kwargs)
+
+    def call(self, *tensors, constants=(), training=None, **kwargs):
+        outputs = self.bare_call(*tensors, constants=constants, **kwargs)
+        return self.output_range(outputs, training=bool(training))
+
+    def bare_call(self, *tensors, constants=(), **kwargs):
+        """The op alone, on the split arguments: what strip puts in its place."""
+        given = iter(tensors)
+        args = [next(given) if c is None else c for c in constants] or list(tensors)
+        return self.operation(*args, **kwargs)
+
+    def compute_output_spec(self, *tensors, constants=(), training=None, **kwargs):
+        given = iter(tensors)
+        args = [next(given) if c is None else c for c in constants] or list(tensors)
+        return self.operation.compute_output_spec(*args, **kwargs)
+
+    @property
+    def ranges(self) -> dict[str, ActivationRange]:
+        return {"output_range": self.output_range}
+
+    def get_config(self):
+        return {**super().get_config(),
+                "operation": keras.saving.serialize_keras_object(self.operation)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        operation = keras.saving.deserialize_keras_object(config.pop("operation"))
+        return cls(operation, **config)
+
+
+def _holds_tensor(value) -> bool:
+    return any(isinstance(v, keras.KerasTensor) or ops.is_tensor(v)
+               for v in keras.tree.flatten(value))
