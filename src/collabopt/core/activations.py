@@ -42,7 +42,9 @@ def name_of(activation) -> str | None:
 
 def unfused(layer) -> bool:
     """Whether ``layer`` applies an activation the converter leaves as an op of its own."""
-    function = getattr(layer, "activation", None)
+    # an attribute the layer applies to its output; an RNN's ``activation`` is a property
+    # of its cell, applied inside the recurrence
+    function = vars(layer).get("activation")
     return callable(function) and name_of(function) not in FUSED
 
 
