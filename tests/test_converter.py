@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 
+import keras
 import numpy as np
 import pytest
 
@@ -36,17 +37,27 @@ def test_a_converter_crash_is_an_export_error_and_the_next_export_works(tmp_path
     assert co.inspect(path).fully_integer  # same process, a fresh converter
 
 
-def test_a_tree_records_a_failed_leaf_and_writes_its_report(tmp_path):
-    import keras
+@keras.saving.register_keras_serializable(package="test_converter")
+class Angle(keras.layers.Layer):
+    """An op without an int8 kernel (ATAN2): no fully-int8 file can hold it."""
 
-    model, x, y = ZOO["keyword_transformer"](n=32)  # PTQ leaves NEG in float: no int8 file
+    def call(self, t):
+        return keras.ops.arctan2(t, t + 1.0)
+
+
+def test_a_tree_records_a_failed_leaf_and_writes_its_report(tmp_path):
+    inp = keras.Input((8,))
+    h = Angle(name="angle")(keras.layers.Dense(8, name="proj")(inp))
+    model = keras.Model(inp, keras.layers.Dense(4, name="head")(h))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8)).astype("float32"), rng.integers(0, 4, 32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     tree = co.DeploymentTree(model, (x, y), (x, y), fit={"epochs": 1, "verbose": 0},
                              latency_runs=1, vela_accelerator=None,
                              compile={"optimizer": "adam", "loss": loss})
     result = tree.explore(tmp_path / "run", paths=["PTQ"], log=lambda m: None)
     assert result.rows == [] and [f["path"] for f in result.failed] == ["PTQ"]
-    assert "NEG(float)" in result.failed[0]["error"]
+    assert "ATAN2(float) from layer 'angle'" in result.failed[0]["error"]
     assert "Failed leaves" in (tmp_path / "run" / "report.md").read_text()
 
 
