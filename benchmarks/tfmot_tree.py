@@ -73,6 +73,89 @@ def mobilenet_v1(shape, classes, alpha=0.25):
     return keras.Model(inp, L.Dense(classes, name="logits")(x))
 
 
+
+def slug(leaf: str) -> str:
+    return leaf.replace(" → ", "-").replace("(pc)", "_pc").replace(" ", "_")
+
+
+def export(model, path, qat, x):
+    """int8 in and out, as collabopt exports; post-training leaves calibrate on 300 inputs
+    spread through ``x``."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if not qat:
+        def gen():
+            for i in np.linspace(0, len(x) - 1, min(300, len(x))).astype(int):
+                yield [x[i:i + 1]]
+        converter.representative_dataset = gen
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    Path(path).write_bytes(converter.convert())
+
+
+def fresh(model):
+    """A clone with the same weights: tfmot wrappers take over the layers they wrap."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def leaf_makers(base, fit, clusters, schedule, qat_lr) -> dict:
+    """{leaf name: () -> (model to export, is QAT)} built the tfmot way. Parents are trained
+    once, on first use, and shared by their children, as in collabopt's tree; a failure
+    stays the failing leaf's. ``fit(model, rate=None)`` fine-tunes; ``base()`` builds the
+    base model."""
+    def cluster(model, per_channel=False, preserve=False):
+        kwargs = {"number_of_clusters": clusters, "preserve_sparsity": preserve,
+                  "cluster_centroids_init": cluster_api.CentroidInitialization.KMEANS_PLUS_PLUS}
+        if per_channel:
+            kwargs["cluster_per_channel"] = True
+        return cluster_api.strip_clustering(fit(cluster_api.cluster_weights(model, **kwargs)))
+
+    def qat(model, scheme=None):
+        annotated = quant_api.quantize_annotate_model(model)
+        q = quant_api.quantize_apply(annotated, scheme) if scheme else quant_api.quantize_apply(
+            annotated)
+        return fit(q, qat_lr)
+
+    trained = {}
+
+    def once(make):
+        """A parent trained on first use (inside a leaf's try: a failure stays that leaf's)."""
+        def get():
+            if make not in trained:
+                trained[make] = make()
+            return trained[make]
+        return get
+
+    pruned = once(lambda: sparsity_api.strip_pruning(
+        fit(sparsity_api.prune_low_magnitude(base(), schedule))))
+    clustered = once(lambda: cluster(base()))
+    clustered_pc = once(lambda: cluster(base(), per_channel=True))
+    pruned_clustered = once(lambda: cluster(fresh(pruned()), preserve=True))
+    pruned_clustered_pc = once(lambda: cluster(fresh(pruned()), per_channel=True, preserve=True))
+    return {
+        "PTQ": lambda: (base(), False),
+        "QAT": lambda: (qat(base()), True),
+        "prune → PTQ": lambda: (fresh(pruned()), False),
+        "cluster → PTQ": lambda: (fresh(clustered()), False),
+        "cluster(pc) → PTQ": lambda: (fresh(clustered_pc()), False),
+        "PQAT": lambda: (qat(fresh(pruned()), combine.Default8BitPrunePreserveQuantizeScheme()),
+                         True),
+        "prune → cluster → PTQ": lambda: (fresh(pruned_clustered()), False),
+        "CQAT": lambda: (qat(fresh(clustered()),
+                             combine.Default8BitClusterPreserveQuantizeScheme(False)), True),
+        "PCQAT": lambda: (qat(fresh(pruned_clustered()),
+                              combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
+        "CQAT(pc)": lambda: (qat(fresh(clustered_pc()),
+                                 combine.Default8BitClusterPreserveQuantizeScheme(False)), True),
+        "prune → cluster(pc) → PTQ": lambda: (fresh(pruned_clustered_pc()), False),
+        "PCQAT(pc)": lambda: (qat(fresh(pruned_clustered_pc()),
+                                  combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     for name, kind in (("work", Path), ("arch", str), ("epochs", int), ("sparsity", float),
@@ -107,87 +190,20 @@ def main():
         model.fit(x, y, epochs=epochs, batch_size=64, verbose=0, callbacks=callbacks)
         return model
 
-    def export(model, name, qat):
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if not qat:
-            def gen():
-                for i in np.linspace(0, len(x) - 1, 300).astype(int):
-                    yield [x[i:i + 1].astype(np.float32)]
-            converter.representative_dataset = gen
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-        (out / f"{name}.tflite").write_bytes(converter.convert())
-
-    def cluster(model, per_channel=False, preserve=False):
-        kwargs = {"number_of_clusters": clusters, "preserve_sparsity": preserve,
-                  "cluster_centroids_init": cluster_api.CentroidInitialization.KMEANS_PLUS_PLUS}
-        if per_channel:
-            kwargs["cluster_per_channel"] = True
-        return cluster_api.strip_clustering(fit(cluster_api.cluster_weights(model, **kwargs)))
-
-    def qat(model, scheme=None):
-        annotated = quant_api.quantize_annotate_model(model)
-        q = quant_api.quantize_apply(annotated, scheme) if scheme else quant_api.quantize_apply(
-            annotated)
-        return fit(q, qat_lr)
-
-    def fresh(model):
-        """A clone with the same weights: tfmot wrappers take over the layers they wrap."""
-        clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
-        return clone
-
     results = {}
-    # parents are trained once and shared by their children, as in collabopt's tree
     # the schedule collabopt's tree uses: a Zhu & Gupta ramp over 2/3 of the fine-tune
     end = max(1, 2 * (-(-len(x) // 64) * epochs) // 3)
     schedule = sparsity_api.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=end,
                                             frequency=max(1, end // 16))
-    trained = {}
+    leaves = leaf_makers(base, fit, clusters, schedule, qat_lr)
 
-    def once(make):
-        """A parent trained on first use (inside a leaf's try: a failure stays that leaf's)."""
-        def get():
-            if make not in trained:
-                trained[make] = make()
-            return trained[make]
-        return get
-
-    pruned = once(lambda: sparsity_api.strip_pruning(
-        fit(sparsity_api.prune_low_magnitude(base(), schedule))))
-    clustered = once(lambda: cluster(base()))
-    clustered_pc = once(lambda: cluster(base(), per_channel=True))
-    pruned_clustered = once(lambda: cluster(fresh(pruned()), preserve=True))
-    pruned_clustered_pc = once(lambda: cluster(fresh(pruned()), per_channel=True, preserve=True))
-    leaves = {
-        "PTQ": lambda: (base(), False),
-        "QAT": lambda: (qat(base()), True),
-        "prune → PTQ": lambda: (fresh(pruned()), False),
-        "cluster → PTQ": lambda: (fresh(clustered()), False),
-        "cluster(pc) → PTQ": lambda: (fresh(clustered_pc()), False),
-        "PQAT": lambda: (qat(fresh(pruned()), combine.Default8BitPrunePreserveQuantizeScheme()),
-                         True),
-        "prune → cluster → PTQ": lambda: (fresh(pruned_clustered()), False),
-        "CQAT": lambda: (qat(fresh(clustered()),
-                             combine.Default8BitClusterPreserveQuantizeScheme(False)), True),
-        "PCQAT": lambda: (qat(fresh(pruned_clustered()),
-                              combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
-        "CQAT(pc)": lambda: (qat(fresh(clustered_pc()),
-                                 combine.Default8BitClusterPreserveQuantizeScheme(False)), True),
-        "prune → cluster(pc) → PTQ": lambda: (fresh(pruned_clustered_pc()), False),
-        "PCQAT(pc)": lambda: (qat(fresh(pruned_clustered_pc()),
-                                  combine.Default8BitClusterPreserveQuantizeScheme(True)), True),
-    }
     wanted = args.leaves.split(",") if args.leaves else list(leaves)
     if unknown := set(wanted) - set(leaves):
         raise SystemExit(f"unknown leaves {sorted(unknown)}; known: {list(leaves)}")
     for name, make in ((name, leaves[name]) for name in wanted):
         try:
             model, is_qat = make()
-            export(model, name.replace(" → ", "-").replace("(pc)", "_pc").replace(" ", "_"),
-                   is_qat)
+            export(model, out / f"{slug(name)}.tflite", is_qat, x)
             results[name] = "ok"
         except Exception as err:  # noqa: BLE001 - report what tfmot cannot do
             results[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"

@@ -451,7 +451,9 @@ class DeploymentTree:
             co.export_tflite(model, path, representative_data=x_cal,
                              per_channel_weights=not per_tensor)
             rep = inspect(path)
-            file_pred = _classes(predict_tflite(path, x_val, verbose=False))
+            file_out = predict_tflite(path, x_val, verbose=False)
+            keras_out = model.predict(x_val, verbose=0, batch_size=256)
+            file_pred = _classes(file_out)
             try:
                 verify(path, model)
                 verified = "yes"
@@ -466,8 +468,8 @@ class DeploymentTree:
                 "int8_accuracy": _top1(file_pred, y_val),
                 # conversion fidelity, finer than an accuracy difference (flips in both
                 # directions cancel there)
-                "agreement": float(np.mean(file_pred == _classes(model.predict(
-                    x_val, verbose=0, batch_size=256)))),
+                "agreement": float(np.mean(file_pred == _classes(keras_out))),
+                "output_error": _relative_error(file_out, keras_out),
                 "size_bytes": rep.size_bytes, "zip_bytes": rep.zip_bytes,
                 "zip_reduction": 1 - rep.zip_bytes / baseline["zip_bytes"],
                 "sparsity": rep.sparsity,
@@ -494,6 +496,7 @@ class DeploymentTree:
                     row["vela_sram_bytes"] = v.sram_bytes
                 except RuntimeError as err:
                     row["vela_error"] = str(err)
+            row["seconds"] = time.perf_counter() - start  # export and measurements
             _atomic_json(result_file, row)
             log(f"[tree] level {level} · {leaf.name}: int8 accuracy "
                 f"{row['int8_accuracy']:.4f} (same class as Keras on "
@@ -651,6 +654,13 @@ def _float_parent(nodes: list[Node], name: str) -> str:
 def _classes(outputs) -> np.ndarray:
     outputs = np.asarray(outputs)
     return np.argmax(outputs.reshape(len(outputs), -1), axis=1)
+
+
+def _relative_error(file_out, keras_out) -> float:
+    """The file's largest output deviation from Keras, relative to the largest Keras output
+    (0.01: within 1 % of the output range; meaningful where classes are not)."""
+    file_out, keras_out = np.asarray(file_out, "float64"), np.asarray(keras_out, "float64")
+    return float(np.abs(file_out - keras_out).max() / max(np.abs(keras_out).max(), 1e-12))
 
 
 def _top1(classes: np.ndarray, y) -> float:

@@ -1,0 +1,186 @@
+"""Every stage of the deployment tree on every model of ``collabopt.zoo`` (the shapes users
+bring: keras.applications networks, RNN and attention keyword spotters, Conv1D audio and text
+nets, a user's block, a subclassed model), with collabopt and with tfmot 0.8.1. Per stage:
+does it give a fully-int8 file, does ``verify`` find the structure in it, how close is the
+file to the Keras model it came from, how big is it. Writes docs/MODELS.md.
+
+    python benchmarks/bench_models.py [--models MobileNet,lstm_kws] [--no-tfmot] [--force]
+
+Each model is trained one epoch per node on 64 random samples of its input shape (the zoo's)
+and measured on 64 others: the matrix is about deployability and conversion fidelity, which
+random weights exercise as trained ones do, not about accuracy. Results are kept per model in
+benchmarks/results/models/ (a rerun skips the models done; ``--force`` redoes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from _common import RESULTS, ROOT, command, md_table, versions
+from bench_step_time import ensure_tfmot_env
+
+import collabopt as co
+from collabopt.tree import leaf_names
+from collabopt.zoo import ZOO
+
+N = 64  # train and validation samples per model
+SPARSITY, CLUSTERS = 0.5, 16
+STAGES = leaf_names(per_channel=False)
+DOC = ROOT / "docs" / "MODELS.md"
+STORE = RESULTS / "models"
+
+
+def _probabilities(model) -> bool:
+    return getattr(getattr(model.layers[-1], "activation", None), "__name__", "") == "softmax"
+
+
+def _fidelity(file_out, keras_out) -> dict:
+    from collabopt.tree import _classes, _relative_error
+
+    return {"agreement": float(np.mean(_classes(file_out) == _classes(keras_out))),
+            "output_error": _relative_error(file_out, keras_out)}
+
+
+def _file_facts(path) -> dict:
+    report = co.inspect(path)
+    return {"zip_bytes": report.zip_bytes, "fully_int8": report.fully_integer,
+            "float_ops": sorted(report.non_integer_ops)}
+
+
+def data(name):
+    keras.utils.set_random_seed(0)
+    model, x, y = ZOO[name](n=2 * N)
+    return model, (x[:N], y[:N]), (x[N:], y[N:])
+
+
+def ours(name: str, work: Path) -> dict:
+    model, train, val = data(name)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not _probabilities(model))
+    tree = co.DeploymentTree(model, train, val, compile={"optimizer": "adam", "loss": loss},
+                             fit={"epochs": 1, "batch_size": 16, "verbose": 0},
+                             sparsity=SPARSITY, clusters=CLUSTERS, calibration_samples=N,
+                             latency_runs=3, vela_accelerator=None, seed=0)
+    shutil.rmtree(work, ignore_errors=True)  # measure this code, never reuse old nodes
+    start = time.perf_counter()
+    result = tree.explore(work, log=lambda line: print(f"[{name}] {line}", flush=True))
+    stages = {r["path"]: {"status": "ok", **_file_facts(r["file"]),
+                          "verified": r["verified"], "agreement": r["agreement"],
+                          "output_error": r["output_error"], "seconds": r["seconds"]}
+              for r in result.rows}
+    stages |= {f["path"]: {"status": "error", "error": f["error"]} for f in result.failed}
+    return {"stages": stages, "seconds": time.perf_counter() - start}
+
+
+def tfmot(name: str, work: Path, python: Path) -> dict:
+    _, (x, y), (xv, _) = data(name)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    np.savez(work / "data.npz", x_train=x, y_train=y, x_val=xv)
+    start = time.perf_counter()
+    run = subprocess.run([str(python), str(ROOT / "benchmarks" / "tfmot_zoo.py"), str(work),
+                          name, str(SPARSITY), str(CLUSTERS), *STAGES],
+                         capture_output=True, text=True, timeout=3600)
+    status_file = work / "tfmot" / "status.json"
+    stages = json.loads(status_file.read_text()) if status_file.exists() else {}
+    for stage in STAGES:
+        if stage not in stages:  # the process died in this stage (the next ones never ran)
+            tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            stages[stage] = {"status": "error",
+                             "error": f"process died (exit {run.returncode}): {tail[:200]}"}
+            break
+    for stage, row in stages.items():
+        if row["status"] == "ok":
+            slug = stage.replace(" → ", "-").replace(" ", "_")
+            path = work / "tfmot" / f"{slug}.tflite"
+            row |= _file_facts(path)
+            row |= _fidelity(co.predict_tflite(path, xv),
+                             np.load(work / "tfmot" / f"{slug}.keras_out.npy"))
+    return {"stages": stages, "seconds": time.perf_counter() - start}
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "not run"
+    if row["status"] != "ok":
+        return "error¹"
+    if not row["fully_int8"]:
+        return "float ops: " + ", ".join(row["float_ops"])
+    checks = "" if row.get("verified", "yes") == "yes" else " verify ✗"
+    return (f"✓ {row['agreement']:.0%} / {row['output_error']:.1%} · "
+            f"{row['zip_bytes'] / 1000:.1f} kB · {row['seconds']:.0f} s{checks}")
+
+
+def write_doc(results: dict) -> None:
+    header = ["model", *STAGES]
+    parts = []
+    for system in ("collabopt", "tfmot"):
+        rows = [[name, *(cell(r[system]["stages"].get(s)) if system in r else "not run"
+                         for s in STAGES)] for name, r in results.items()]
+        ok = sum(1 for r in results.values() for s in r.get(system, {}).get("stages", {})
+                 .values() if s["status"] == "ok" and s["fully_int8"])
+        total = len(results) * len(STAGES)
+        parts.append(f"### {system}: {ok} of {total} stages give a fully-int8 file\n\n"
+                     + md_table(header, rows))
+    errors = [f"- {system} · {name} · {stage}: {row['error']}"
+              for name, r in results.items() for system in ("collabopt", "tfmot")
+              for stage, row in r.get(system, {}).get("stages", {}).items()
+              if row["status"] != "ok"]
+    DOC.write_text(f"""# Which models deploy
+
+Every stage of the deployment tree ({SPARSITY:.0%} sparsity, {CLUSTERS} clusters) on the models
+of `collabopt.zoo`, with collabopt and with tfmot 0.8.1 (tf_keras) on the same architectures.
+A cell reads: ✓ when the stage gave a fully-int8 file, then the file's agreement with the Keras
+model it came from (same class on the 64 validation inputs / largest output deviation relative
+to the largest output), the zipped size, and the seconds the export and measurements took;
+collabopt's cells also passed `co.verify` (zeros and shared values read back from the file)
+unless marked. Models carry random weights trained one epoch on random data: the matrix is
+about deployability and conversion fidelity, not accuracy (agreement of near-uniform random
+outputs is the strictest case: one int8 step can swap two classes).
+
+Command: `{command()}` ({time.strftime("%Y-%m-%d")})
+Versions: {versions()}
+
+{chr(10).join(parts)}
+
+¹ Errors, as the systems reported them:
+
+{chr(10).join(errors) or "none"}
+""")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated zoo names (default: all)")
+    ap.add_argument("--no-tfmot", action="store_true", help="collabopt only")
+    ap.add_argument("--force", action="store_true", help="redo models measured before")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/collabopt-bench-models"))
+    args = ap.parse_args(argv)
+    names = args.models.split(",") if args.models else list(ZOO)
+    if unknown := set(names) - set(ZOO):
+        raise SystemExit(f"unknown models {sorted(unknown)}; the zoo has {list(ZOO)}")
+    python = None if args.no_tfmot else ensure_tfmot_env()
+    STORE.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        file = STORE / f"{name}.json"
+        result = json.loads(file.read_text()) if file.exists() else {}
+        if args.force or "collabopt" not in result:
+            result["collabopt"] = ours(name, args.work / name / "ours")
+        if python and (args.force or "tfmot" not in result):
+            result["tfmot"] = tfmot(name, args.work / name, python)
+        file.write_text(json.dumps(result, indent=1, default=float))
+        print(f"[bench] {name}: " + ", ".join(
+            f"{system} {sum(s['status'] == 'ok' for s in r['stages'].values())}/{len(STAGES)}"
+            for system, r in result.items()), flush=True)
+    write_doc({name: json.loads((STORE / f"{name}.json").read_text())
+               for name in ZOO if (STORE / f"{name}.json").exists()})
+
+
+if __name__ == "__main__":
+    main()
