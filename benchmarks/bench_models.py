@@ -4,12 +4,13 @@ nets, a user's block, a subclassed model), with collabopt and with tfmot 0.8.1. 
 does it give a fully-int8 file, does ``verify`` find the structure in it, how close is the
 file to the Keras model it came from, how big is it. Writes docs/MODELS.md.
 
-    python benchmarks/bench_models.py [--models MobileNet,lstm_kws] [--no-tfmot] [--force]
+    python benchmarks/bench_models.py [--models MobileNet,lstm_kws] [--no-tfmot]
+        [--force collabopt|tfmot|both]
 
 Each model is trained one epoch per node on 64 random samples of its input shape (the zoo's)
 and measured on 64 others: the matrix is about deployability and conversion fidelity, which
 random weights exercise as trained ones do, not about accuracy. Results are kept per model in
-benchmarks/results/models/ (a rerun skips the models done; ``--force`` redoes them).
+benchmarks/results/models/ (a rerun skips what was measured; ``--force`` redoes it).
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated zoo names (default: all)")
     ap.add_argument("--no-tfmot", action="store_true", help="collabopt only")
-    ap.add_argument("--force", action="store_true", help="redo models measured before")
+    ap.add_argument("--force", choices=("collabopt", "tfmot", "both"),
+                    help="redo that system's results where they exist (default: skip them)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/collabopt-bench-models"))
     args = ap.parse_args(argv)
     names = args.models.split(",") if args.models else list(ZOO)
@@ -170,9 +172,9 @@ def main(argv=None):
     for name in names:
         file = STORE / f"{name}.json"
         result = json.loads(file.read_text()) if file.exists() else {}
-        if args.force or "collabopt" not in result:
+        if args.force in ("collabopt", "both") or "collabopt" not in result:
             result["collabopt"] = ours(name, args.work / name / "ours")
-        if python and (args.force or "tfmot" not in result):
+        if python and (args.force in ("tfmot", "both") or "tfmot" not in result):
             result["tfmot"] = tfmot(name, args.work / name, python)
         file.write_text(json.dumps(result, indent=1, default=float))
         print(f"[bench] {name}: " + ", ".join(

@@ -25,14 +25,37 @@ def _channel_means(model: keras.Model, name: str, x: np.ndarray, batch_size: int
     if activation is not None:
         host.activation = keras.activations.linear
     try:
-        probe = keras.Model(model.inputs, layer.output)
-        out = np.asarray(probe.predict(x, batch_size=batch_size, verbose=0), np.float64)
+        if getattr(model, "inputs", None):  # functional or sequential: cut the graph
+            probe = keras.Model(model.inputs, layer.output)
+            out = np.asarray(probe.predict(x, batch_size=batch_size, verbose=0), np.float64)
+        else:
+            out = _recorded_outputs(model, layer, x, batch_size)
     finally:
         if activation is not None:
             host.activation = activation
     axis = 1 if getattr(host, "data_format", "channels_last") == "channels_first" \
         else out.ndim - 1
     return np.moveaxis(out, axis, -1).reshape(-1, out.shape[axis]).mean(axis=0)
+
+
+def _recorded_outputs(model, layer, x, batch_size: int) -> np.ndarray:
+    """A subclassed model has no graph to cut at ``layer``: run it eagerly, batch by batch,
+    recording what the layer returns."""
+    seen = []
+    call = layer.call
+
+    def recording(*args, **kwargs):
+        out = call(*args, **kwargs)
+        seen.append(keras.ops.convert_to_numpy(out))
+        return out
+
+    object.__setattr__(layer, "call", recording)
+    try:
+        for start in range(0, len(x), batch_size):
+            model(x[start:start + batch_size], training=False)
+    finally:
+        object.__delattr__(layer, "call")
+    return np.concatenate(seen).astype(np.float64)
 
 
 def correct_bias(model: keras.Model, reference: keras.Model, x: np.ndarray,

@@ -136,9 +136,9 @@ def _unrolled(model):
     # activations: it left one in float in 3 of ~25 measured exports with the fused matmul
     # (PTQ and PQAT alike); each gate also gets its own int8 scale. ``verify`` pairs the
     # gate tensors with the kernel. (LSTM on 8x8 digits, same class as Keras: PTQ 97.8 %,
-    # cluster -> PTQ 99.7 %, PQAT 91.9 %, CQAT 97.2 %, PCQAT 95.8 %.) Not yet: QAT of a
-    # stacked GRU, where the converter leaves an ADD and a MUL in float (the int8 check
-    # refuses the file and names them).
+    # cluster -> PTQ 99.7 %, PQAT 91.9 %, CQAT 97.2 %, PCQAT 95.8 %.) QAT models do not get
+    # here: their recurrent layers run unrolled with a range on every tensor
+    # (core/lowerings.py), one fused matmul per step.
     cells = [(layer.cell, layer.cell.implementation) for layer in found
              if hasattr(layer.cell, "implementation")]
     for layer in found:
@@ -159,6 +159,14 @@ def _unrolled(model):
             layer.unroll = False
         for cell, implementation in cells:
             cell.implementation = implementation
+
+
+def _fully_integer(flatbuffer: bytes, folder: str) -> bool:
+    from collabopt.inspection import inspect as inspect_file
+
+    probe = Path(folder) / "probe.tflite"
+    probe.write_bytes(flatbuffer)
+    return not inspect_file(probe).non_integer_ops
 
 
 def _codebooks_per_tensor(model) -> tuple[bool, bool]:
@@ -227,7 +235,8 @@ def export_tflite(
     """Convert ``model`` (wrapped or plain) to a ``.tflite`` file at ``path`` (batch size 1).
 
     ``quantization="int8"``: int8 weights, activations, input and output, builtin ops only.
-    Post-training int8 needs ``representative_data``; a QAT model uses its learned ranges.
+    Post-training int8 needs ``representative_data``; a QAT model uses its learned ranges,
+    and ``representative_data`` only where they leave a tensor float.
     Weight scales of post-training int8: ``per_channel_weights=None`` (default) keeps every
     codebook it finds: one scale per tensor for all weights when a conv kernel holds a
     per-tensor codebook (the converter's switch is global), per channel otherwise; a Dense
@@ -270,14 +279,23 @@ def export_tflite(
                                       for t in getattr(plain, "inputs", None) or ()),
                    "per_channel": True, "dense_per_tensor": False}
         if quantization == "int8":
-            conv_codebook, dense_codebook = (_codebooks_per_tensor(plain)
-                                             if samples is not None else (False, False))
+            conv_codebook, dense_codebook = _codebooks_per_tensor(plain)
             options["per_channel"] = (not conv_codebook if per_channel_weights is None
                                       else per_channel_weights)
             # post-training conversion scales FULLY_CONNECTED weights per channel, which
-            # would multiply a Dense codebook's values; convs stay per channel
+            # would multiply a Dense codebook's values (a recurrent kernel's too, under QAT:
+            # each step's matmul reads it); convs stay per channel
             options["dense_per_tensor"] = dense_codebook
-        flatbuffer = _converter.convert(saved, options, samples, plain.name)
+        if qat and quantization == "int8":
+            # the model's own ranges first, conv scales as its fake-quant set them: with
+            # calibration (and its per-tensor switch) the converter re-scaled an LSTM's
+            # kernels (codebook 8 -> 25 values); calibration only fills in missing ranges
+            flatbuffer = _converter.convert(saved, {**options, "per_channel": True}, None,
+                                            plain.name)
+            if samples is not None and not _fully_integer(flatbuffer, tmp):
+                flatbuffer = _converter.convert(saved, options, samples, plain.name)
+        else:
+            flatbuffer = _converter.convert(saved, options, samples, plain.name)
         if short_tensor_names:
             flatbuffer = _shorten_tensor_names(flatbuffer)
         fd, partial = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial",

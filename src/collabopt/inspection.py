@@ -85,7 +85,8 @@ class Report:
 
     @property
     def fully_integer(self) -> bool:
-        return not self.non_integer_ops and self.input_dtype == "int8"
+        """Integer ops only, on an int8 input or integer token ids (an ``Embedding``'s)."""
+        return not self.non_integer_ops and self.input_dtype in ("int8", "int32", "int64")
 
     @property
     def weight_bytes(self) -> int:

@@ -458,7 +458,8 @@ class DeploymentTree:
                 verify(path, model)
                 verified = "yes"
             except co.VerificationError as err:
-                verified = "no: " + str(err).splitlines()[1].strip()
+                lines = str(err).splitlines()  # the first failed check, else the message
+                verified = "no: " + (lines[1] if len(lines) > 1 else lines[0]).strip()
             row = {
                 "path": leaf.name, "level": level, "node": leaf.node,
                 "fp32_accuracy": float_accuracy(

@@ -8,6 +8,8 @@ technique means appending a transform to a chain.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -183,26 +185,24 @@ class OptimizedLayer(keras.layers.Layer):
         if training:
             self.step.assign_add(1)
         if self.lowering is not None:
-            outputs = self.lowering.call(
-                self.layer, inputs, lambda i, t: self.inner_ranges[i](t, training=training))
-            return outputs if self.output_range is None else self.output_range(
-                outputs, training=training)
-        originals = []
+            def q(i, tensor, observe=True):  # observe=False: use the range, learn nothing
+                r = self.output_range if i == lowerings.OUTPUT else self.inner_ranges[i]
+                return tensor if r is None else r(tensor, training=training and observe)
+
+            with self._weights_in_place(swapped):
+                outputs = self.lowering.call(self.layer, inputs, q, *args, training=training,
+                                             **kwargs)
+            if self.output_range is None or self.lowering.owns_output:
+                return outputs
+            return self.output_range(outputs, training=training)
         activation = (self.layer.activation if self.quantize_inner and self.lowering is None
                       else None)
         try:
             if activation is not None:
                 object.__setattr__(self.layer, "activation", keras.activations.linear)
-            for name, tensor in swapped.items():
-                var, owner, attr = self._targets[name]
-                originals.append((owner, attr, var))
-                # mixed precision: the host expects its kernel in its compute dtype
-                tensor = ops.cast(tensor, owner.compute_dtype)
-                object.__setattr__(owner, attr, tensor)
-            outputs = self.layer(inputs, *args, **kwargs)
+            with self._weights_in_place(swapped):
+                outputs = self.layer(inputs, *args, **kwargs)
         finally:
-            for owner, attr, var in originals:
-                object.__setattr__(owner, attr, var)
             if activation is not None:
                 object.__setattr__(self.layer, "activation", activation)
         if activation is not None:
@@ -213,6 +213,21 @@ class OptimizedLayer(keras.layers.Layer):
         if self.output_range is not None:
             outputs = self.output_range(outputs, training=training)
         return outputs
+
+    @contextlib.contextmanager
+    def _weights_in_place(self, swapped: dict):
+        """The host (and its sublayers) see the transformed weights for one call."""
+        originals = []
+        try:
+            for name, tensor in swapped.items():
+                var, owner, attr = self._targets[name]
+                originals.append((owner, attr, var))
+                # mixed precision: the host expects its kernel in its compute dtype
+                object.__setattr__(owner, attr, ops.cast(tensor, owner.compute_dtype))
+            yield
+        finally:
+            for owner, attr, var in originals:
+                object.__setattr__(owner, attr, var)
 
     def compute_output_spec(self, *args, training=None, **kwargs):
         """Shapes come from the host alone: tracing the weight chains symbolically (each time

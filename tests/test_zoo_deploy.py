@@ -1,0 +1,43 @@
+"""The zoo deploys: on every model of ``collabopt.zoo``, post-training int8 and the deepest
+leaf of the tree (prune -> cluster -> PCQAT) give fully-int8 files in which ``verify`` reads
+the zeros and the shared values back, and each file computes what its Keras model computes.
+
+``benchmarks/bench_models.py`` runs all eight stages on the same models beside tfmot
+(docs/MODELS.md); here the two ends of the tree keep CI short. The QAT file is exported with
+no calibration data: every int8 tensor's range must come from QAT itself.
+"""
+
+from __future__ import annotations
+
+import keras
+import pytest
+
+import collabopt as co
+from collabopt.tree import _relative_error
+from collabopt.zoo import ZOO
+
+from .test_zoo import fit
+
+K = 8
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_ptq_and_pcqat_deploy_fully_int8(name, tmp_path):
+    keras.utils.set_random_seed(0)
+    model, x, y = ZOO[name](n=16)
+    ptq = co.export_tflite(model, tmp_path / "ptq.tflite", representative_data=x)
+    assert co.verify(ptq, model)  # raises when a structure check fails
+    # PTQ moves the outputs by its rounding alone (measured up to 6 % of the output range on
+    # these random-weight models), so its bound is looser than QAT's
+    assert _relative_error(co.predict_tflite(ptq, x), model.predict(x, verbose=0)) < 0.15
+
+    pruned = co.strip(co.prune(model, 0.5, verbose=False))
+    clustered = co.strip(co.cluster(pruned, K, init="linear", verbose=False))
+    qat = fit(co.quantize(clustered, verbose=False), x, y, steps=2)
+    path = co.export_tflite(qat, tmp_path / "pcqat.tflite")  # learned ranges only
+    checks = co.verify(path, qat)
+    assert any(c.file_sparsity >= 0.45 for c in checks), name
+    assert max(c.file_unique for c in checks) <= K + 1, name  # the codebook (+ the zero)
+    error = _relative_error(co.predict_tflite(path, x), qat.predict(x, verbose=0))
+    print(f"{name}: PCQAT file vs Keras {error:.2%}")
+    assert error < 0.02, (name, error)
