@@ -63,6 +63,9 @@ class TensorStats:
     channel_axis: int = field(repr=False, default=0)
     values: np.ndarray | None = field(repr=False, default=None, compare=False)
     scales: np.ndarray | None = field(repr=False, default=None, compare=False)
+    #: the stored value of 0.0: 0 for weights (symmetric), the zero point of a table that is
+    #: quantized as an activation (an Embedding's GATHER input)
+    zero: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -318,14 +321,16 @@ def _stats(t, raw: bytes, op: str, axis: int) -> TensorStats:
     per_ch = np.moveaxis(values, axis, 0).reshape(shape[axis], -1)
     per_ch_unique = 1 + np.count_nonzero(np.diff(np.sort(per_ch, axis=1), axis=1), axis=1)
     name = t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name)
+    points = q.zeroPoint if q is not None and q.zeroPoint is not None else ()
+    zero = int(points[0]) if len(points) == 1 else 0
     return TensorStats(
         name=name, layer=_layer_name(name), op=op, shape=shape, dtype=dtype,
         quantization="none" if n_scales == 0 else "per-tensor" if n_scales == 1 else
         "per-channel", n_scales=n_scales, size=int(values.size),
-        sparsity=float(np.mean(values == 0)), unique=int(np.unique(values).size),
+        sparsity=float(np.mean(values == zero)), unique=int(np.unique(values).size),
         unique_per_channel_max=int(per_ch_unique.max()),
         unique_per_channel_mean=float(per_ch_unique.mean()), entropy_bits=_entropy(values),
-        channel_axis=axis, values=values, scales=scales)
+        channel_axis=axis, values=values, scales=scales, zero=zero)
 
 
 # --- verify --------------------------------------------------------------------------------
@@ -389,7 +394,7 @@ def _scaled_error(file_values: np.ndarray, keras_values: np.ndarray) -> float:
 
 
 def _dequantize(t: TensorStats) -> np.ndarray:
-    v = t.values.astype(np.float64)
+    v = t.values.astype(np.float64) - t.zero
     if t.scales is None or t.scales.size == 0:
         return v
     if t.scales.size == 1:
@@ -476,7 +481,7 @@ def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[Wei
                 sizes = [m[2].size for m in matches]
                 check.file_sparsity = float(np.average([m[2].sparsity for m in matches],
                                                        weights=sizes))
-                check.zeros_lost = sum(int(np.count_nonzero((cand == 0) & (t.values != 0)))
+                check.zeros_lost = sum(int(np.count_nonzero((cand == 0) & (t.values != t.zero)))
                                        for _, _, t, cand in matches)
                 check.file_unique = max(t.unique for _, _, t, _ in matches)
                 check.file_unique_per_channel_max = max(t.unique_per_channel_max

@@ -183,7 +183,11 @@ def quantize(
             chain.append(WeightFakeQuant(
                 per_channel=_int8_per_channel(s, st, preserve, layer), **axes))
             chains[s.name] = chain
-        return chains, {"quantize_output": layer.name not in fused and layer.name not in kept,
+        # an Embedding's output is rows of its table, on the table's grid already (a range
+        # of its own made the converter dequantize and requantize the whole table)
+        own_grid = isinstance(layer, keras.layers.Embedding)
+        return chains, {"quantize_output": layer.name not in fused and layer.name not in kept
+                        and not own_grid,
                         "quantize_input": layer.name in consumers, "quantize_inner": True}
 
     def wrap_other(layer):

@@ -23,10 +23,29 @@ def _images(n, size=32, seed=0):
     return rng.uniform(0, 1, (n, size, size, 3)).astype("float32"), rng.integers(0, CLASSES, n)
 
 
+def _settle_batchnorm(model, x):
+    """Moving statistics from one batch of the samples: with their initial values a deep
+    random network's signal vanishes (MobileNet logits ~1e-18 measured), and a file cannot
+    be told from its model on outputs that are all zero."""
+    bns = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    model(x, training=True)
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+
+
 def _app(builder, size=32, **kwargs):
-    def build(n=8):
-        model = builder(input_shape=(size, size, 3), weights=None, classes=CLASSES, **kwargs)
-        return (model, *_images(n, size))
+    def build(n=8, logits=False):
+        """``logits``: no softmax on the classifier (whose near-uniform outputs on random
+        weights would hide any difference between a file and its model)."""
+        model = builder(input_shape=(size, size, 3), weights=None, classes=CLASSES,
+                        classifier_activation=None if logits else "softmax", **kwargs)
+        x, y = _images(n, size)
+        _settle_batchnorm(model, x)
+        return model, x, y
+    build.application = True
     return build
 
 
