@@ -48,8 +48,17 @@ def test_ptq_and_pcqat_deploy_fully_int8(name, tmp_path):
     # are clustered per channel; verify has checked that no count grew from Keras to file
     assert max(c.file_unique_per_channel_max for c in checks) <= K + 1, name
     error = _relative_error(co.predict_tflite(path, x), qat.predict(x, verbose=0))
-    # a random-weight application two steps into QAT is 30-80 layers of untrained ranges at
-    # 8-16 channels: its logits drift by up to a third of their range (same drift before and
-    # after this project's last QAT changes; trained MobileNetV2/V3 shapes agree on 100 % of
-    # real inputs, tests/test_qat_coverage.py). The bound still catches a wrong graph.
+    # file and Keras differ by at most one int8 step per layer, and through 30-80 random,
+    # untrained layers that compounds (MobileNet, measured by cutting the model: 0.4 % after
+    # 1 layer, 2 % after 9, 24 % after 23, 43 % at the logits); trained MobileNetV2/V3
+    # shapes agree on 100 % of real inputs (tests/test_qat_coverage.py). The bound still
+    # catches a wrong graph.
     assert error < (0.5 if application else 0.02), (name, error)
+
+
+def test_a_model_built_with_a_list_of_one_input_is_copied_and_exported(tmp_path):
+    inp = keras.Input((8,))
+    model = keras.Model([inp], keras.layers.Dense(4, name="head")(inp))
+    qat = co.quantize(co.strip(co.prune(model, 0.5, verbose=False)), verbose=False)
+    path = co.export_tflite(qat, tmp_path / "list.tflite")
+    assert co.verify(path, qat)[0].file_sparsity >= 0.45

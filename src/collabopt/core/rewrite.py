@@ -121,7 +121,9 @@ def rewrite(model: keras.Model,
         if not isinstance(model, keras.Sequential) and getattr(model, "inputs", None):
             inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype,
                                   name=t._keras_history.operation.name) for t in model.inputs]
-            inputs = inputs[0] if len(inputs) == 1 else inputs
+            struct = getattr(model, "_inputs_struct", None)  # Model([x], ...) keeps a list
+            inputs = (keras.tree.pack_sequence_as(struct, inputs) if struct is not None
+                      else inputs[0] if len(inputs) == 1 else inputs)
         compiled = getattr(model, "compiled", False)
         model.compiled = False  # clone_model would re-compile the copy, failing on lambdas
         try:
