@@ -52,7 +52,7 @@ def _fidelity(file_out, keras_out) -> dict:
 def _file_facts(path) -> dict:
     report = co.inspect(path)
     return {"zip_bytes": report.zip_bytes, "fully_int8": report.fully_integer,
-            "float_ops": sorted(report.non_integer_ops)}
+            "float_ops": sorted(report.non_integer_ops), "input_dtype": report.input_dtype}
 
 
 def data(name):
@@ -112,7 +112,8 @@ def cell(row: dict | None) -> str:
     if row["status"] != "ok":
         return "error¹"
     if not row["fully_int8"]:
-        return "float ops: " + ", ".join(row["float_ops"])
+        return ("float ops: " + ", ".join(row["float_ops"]) if row["float_ops"]
+                else f"{row.get('input_dtype', 'non-int8')} input")
     checks = "" if row.get("verified", "yes") == "yes" else " verify ✗"
     return (f"✓ {row['agreement']:.0%} / {row['output_error']:.1%} · "
             f"{row['zip_bytes'] / 1000:.1f} kB · {row['seconds']:.0f} s{checks}")
@@ -122,11 +123,12 @@ def write_doc(results: dict) -> None:
     header = ["model", *STAGES]
     parts = []
     for system in ("collabopt", "tfmot"):
-        rows = [[name, *(cell(r[system]["stages"].get(s)) if system in r else "not run"
-                         for s in STAGES)] for name, r in results.items()]
+        rows = [[name, *(cell(results[name][system]["stages"].get(s))
+                         if system in results.get(name, {}) else "not run" for s in STAGES)]
+                for name in ZOO]
         ok = sum(1 for r in results.values() for s in r.get(system, {}).get("stages", {})
                  .values() if s["status"] == "ok" and s["fully_int8"])
-        total = len(results) * len(STAGES)
+        total = len(ZOO) * len(STAGES)
         parts.append(f"### {system}: {ok} of {total} stages give a fully-int8 file\n\n"
                      + md_table(header, rows))
     errors = [f"- {system} · {name} · {stage}: {row['error']}"
@@ -148,7 +150,7 @@ outputs is the strictest case: one int8 step can swap two classes).
 Command: `{command()}` ({time.strftime("%Y-%m-%d")})
 Versions: {versions()}
 
-{chr(10).join(parts)}
+{(chr(10) * 2).join(parts)}
 
 ¹ Errors, as the systems reported them:
 
