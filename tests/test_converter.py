@@ -72,3 +72,38 @@ def test_integer_token_inputs_calibrate_on_their_own_dtype(tmp_path):
     with pytest.raises(ValueError, match="must hold integers for an int32 input"):
         co.export_tflite(model, tmp_path / "t2.tflite",
                          representative_data=tokens.astype(np.float32))
+
+
+def test_a_file_xnnpack_rejects_warns_at_export_and_still_runs(tmp_path):
+    """A conv whose output range is far narrower than its input's: LiteRT's default delegate
+    fails on it (aborts the process, on EfficientNetV2B0's file), the builtin kernels do not."""
+    import subprocess
+    import sys
+
+    from collabopt.inspection import xnnpack_rejected_ops
+
+    keras.utils.set_random_seed(0)
+
+    def qat_model():
+        inp = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(4, 3, name="conv")(inp)
+        return co.quantize(keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(h))),
+                           verbose=False)
+
+    assert not xnnpack_rejected_ops(co.export_tflite(qat_model(), tmp_path / "fine.tflite"))
+    qat = qat_model()
+    for v in qat.weights:  # a collapsed output range behind a wide input range
+        if v.path.startswith("conv/input_range"):
+            v.assign(np.sign(v.numpy()) * 1000.0)
+        if v.path.startswith("conv/output_range"):
+            v.assign(np.sign(v.numpy()) * 0.001)
+    with pytest.warns(RuntimeWarning, match="XNNPACK.*CONV_2D of layer 'conv'"):
+        path = co.export_tflite(qat, tmp_path / "collapsed.tflite")
+    (op, layer, ratio), = xnnpack_rejected_ops(path)
+    assert (op, layer) == ("CONV_2D", "conv") and ratio >= 256
+    default = subprocess.run(  # the interpreter as it comes: XNNPACK refuses the file
+        [sys.executable, "-c", "from ai_edge_litert.interpreter import Interpreter; "
+         f"Interpreter(model_path={str(path)!r}).allocate_tensors()"], capture_output=True)
+    assert default.returncode != 0
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 8, 8, 1)).astype("float32")
+    assert co.predict_tflite(path, x).shape == (5, 3)

@@ -316,7 +316,27 @@ def export_tflite(
             bad = non_integer_operators(path)
             os.remove(path)
             raise ExportError(_float_ops_message(plain.name, bad, qat and samples is None), bad)
+        _warn_xnnpack(path, plain.name)
     return path
+
+
+def _warn_xnnpack(path: Path, model_name: str) -> None:
+    """Warn when LiteRT's default delegate cannot run the file (see xnnpack_rejected_ops)."""
+    import warnings
+
+    from collabopt.inspection import XNNPACK_MAX_REQUANTIZATION, xnnpack_rejected_ops
+
+    rejected = xnnpack_rejected_ops(path)
+    if rejected:
+        ops = ", ".join(f"{op} of layer {layer!r} ({ratio:.0f})" for op, layer, ratio in rejected)
+        warnings.warn(
+            f"{path}: XNNPACK, LiteRT's default CPU delegate, rejects {ops}: input scale x "
+            f"weight scale / output scale is >= {XNNPACK_MAX_REQUANTIZATION:.0f}, and LiteRT "
+            "then fails or aborts the process allocating the file. The builtin kernels run it "
+            "(collabopt.predict_tflite does so); on a device, disable XNNPACK for this file, "
+            "or retrain: the layer's output range is far narrower than its input's, a sign "
+            "of collapsed activation ranges (an untrained or diverged model).",
+            RuntimeWarning, stacklevel=3)
 
 
 def check_int8(model, representative_data=None) -> list[tuple[str, str]]:

@@ -526,11 +526,8 @@ def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
 
 
 def _tflite_batches(path, x, batch_size, num_threads, verbose):
-    from ai_edge_litert.interpreter import Interpreter
-
-    _load(path)  # clear error for a missing or damaged file
     x = np.asarray(x)
-    interpreter = Interpreter(model_path=str(path), num_threads=num_threads or os.cpu_count())
+    interpreter = _interpreter(path, num_threads)  # clear error for a missing or damaged file
     inp = interpreter.get_input_details()[0]
     if tuple(inp["shape"][1:]) != tuple(x.shape[1:]):
         raise ValueError(f"{path} expects inputs of shape {tuple(inp['shape'][1:])}, "
@@ -590,13 +587,59 @@ def _try_batch(interpreter, batch_size: int) -> int:
     return 1
 
 
+# XNNPACK, LiteRT's default CPU delegate, takes conv / depthwise / fully-connected ops only
+# when input_scale * weight_scale / output_scale < 256; on a file holding such an op,
+# LiteRT 2.21 aborts the whole process in allocate_tensors ("free(): double free", measured
+# on a random-weight EfficientNetV2B0 PCQAT file whose ranges had collapsed), though its
+# builtin kernels compute the op. Such files run on the builtin kernels here.
+XNNPACK_MAX_REQUANTIZATION = 256.0
+_REQUANTIZED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
+                "CONV_3D")
+
+
+def xnnpack_rejected_ops(path: str | os.PathLike) -> list[tuple[str, str, float]]:
+    """(operator, Keras layer, requantization scale) of every int8 op XNNPACK cannot run."""
+    _, model = _load(path)
+    op_name, graph = _op_namer(), model.subgraphs[0]
+
+    def scales(i):
+        q = graph.tensors[i].quantization if i >= 0 else None
+        return None if q is None or q.scale is None or len(q.scale) == 0 \
+            else np.asarray(q.scale, np.float64)
+
+    rejected = []
+    for op in graph.operators or []:
+        name = op_name(model.operatorCodes[op.opcodeIndex])
+        if name not in _REQUANTIZED or len(op.inputs) < 2:
+            continue
+        # TRANSPOSE_CONV takes (output shape, weights, input)
+        x, w = (op.inputs[2], op.inputs[1]) if name == "TRANSPOSE_CONV" else op.inputs[:2]
+        sx, sw, so = scales(x), scales(w), scales(op.outputs[0])
+        if sx is None or sw is None or so is None:
+            continue
+        ratio = float(np.max(sx[0] * sw / so[0]))
+        if ratio >= XNNPACK_MAX_REQUANTIZATION:
+            out = graph.tensors[op.outputs[0]].name.decode(errors="replace")
+            rejected.append((name, _layer_name(out), ratio))
+    return rejected
+
+
+def _interpreter(path, num_threads: int | None):
+    """A LiteRT interpreter for ``path``: XNNPACK unless the file holds an op it rejects."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO
+    if xnnpack_rejected_ops(path):
+        resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return Interpreter(model_path=str(path), num_threads=num_threads or os.cpu_count(),
+                       experimental_op_resolver_type=resolver)
+
+
 def latency_ms(path: str | os.PathLike, runs: int = 50, num_threads: int = 1) -> float:
     """Median batch-1 inference time in milliseconds with the LiteRT interpreter."""
     import time
 
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+    interpreter = _interpreter(path, num_threads)
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
     interpreter.set_tensor(inp["index"], np.zeros(inp["shape"], dtype=inp["dtype"]))
