@@ -287,3 +287,22 @@ def test_cluster_node_gets_its_channel_means_back(tmp_path, trained, digits):
                               - _channel_means(folded, n, cal, 256)).max()
                        for n in ("conv1", "conv2", "logits"))
     assert gaps[True] < 1e-3 < gaps[False], gaps
+
+
+def test_every_leaf_of_a_subclassed_model_keeps_its_structure_in_the_file(tmp_path):
+    """No graph: QAT leaves are calibrated at export, which must keep a per-tensor codebook
+    on one scale (the tree once forced per-channel scales: PCQAT's 16 values became 32)."""
+    from collabopt.zoo import ZOO
+
+    keras.utils.set_random_seed(0)
+    model, x, y = ZOO["subclassed"](n=96)
+    tree = co.DeploymentTree(model, (x[:64], y[:64]), (x[64:], y[64:]),
+                             compile={"optimizer": "adam", "loss": _loss()},
+                             fit={"epochs": 1, "batch_size": 16, "verbose": 0},
+                             calibration_samples=64, latency_runs=1, vela_accelerator=None)
+    rows = tree.explore(tmp_path / "run", log=lambda line: None).rows
+    assert len(rows) == len(leaf_names(per_channel=False))
+    for r in rows:
+        assert r["verified"] == "yes", r
+    pcqat = next(r for r in rows if r["path"] == "PCQAT")
+    assert pcqat["unique_max"] <= 16 and pcqat["sparsity"] >= 0.45

@@ -448,8 +448,10 @@ class DeploymentTree:
             path = out / "leaves" / f"{_slug(leaf.name)}.tflite"
             per_tensor = leaf.quantization == "ptq" and "pc" not in leaf.node and \
                 "cluster" in leaf.node
+            # QAT leaves: None lets the export keep a per-tensor codebook where calibration
+            # has to fill in ranges (a model without a graph), as the fake-quant did
             co.export_tflite(model, path, representative_data=x_cal,
-                             per_channel_weights=not per_tensor)
+                             per_channel_weights=False if per_tensor else None)
             rep = inspect(path)
             file_out = predict_tflite(path, x_val, verbose=False)
             keras_out = model.predict(x_val, verbose=0, batch_size=256)
