@@ -35,6 +35,7 @@ _API = {
     "export_c": "firmware",
     "plot_weight_density": "plots",
     "plot_tradeoff": "plots",
+    "sensitivity": "sensitivity",
     "DeploymentTree": "tree",
     "Targets": "tree",
 }
