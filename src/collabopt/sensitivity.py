@@ -154,7 +154,8 @@ def _variants(w, spec, sparsities, clusters, int8, settings):
         if distinct <= k:  # already on at most k values
             yield next(keys), w
             continue
-        centroids = kmeans1d(w, k)
+        sample = np.sort(w.ravel())  # exact k-means on at most 2**20 evenly spaced values
+        centroids = kmeans1d(sample[::max(1, sample.size >> 20)], k)
         edges = (centroids[1:] + centroids[:-1]) / 2
         yield next(keys), centroids[np.searchsorted(edges, w)].astype(w.dtype)
     if int8:
