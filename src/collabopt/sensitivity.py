@@ -141,38 +141,33 @@ def _unpack(data):
 
 
 def _variants(w, spec, sparsities, clusters, int8, settings):
-    from collabopt._kernels.kmeans1d import kmeans1d
-    from collabopt.core.registry import channels_first_2d_np
+    """Each setting's version of ``w``, made by the techniques' own functions."""
+    from keras import ops
+
+    from collabopt.clustering import init_centroids
+    from collabopt.pruning import magnitude_mask
+    from collabopt.quantization import WeightFakeQuant
+
+    def numpy(x):
+        return np.asarray(ops.convert_to_numpy(x), dtype=w.dtype)
 
     keys = iter(settings)
-    magnitude = np.sort(np.abs(w).ravel())
     for s in sparsities:
-        threshold = magnitude[int(np.floor(s * w.size)) - 1] if s * w.size >= 1 else -1.0
-        yield next(keys), np.where(np.abs(w) > threshold, w, 0).astype(w.dtype)
+        yield next(keys), w * numpy(magnitude_mask(ops.convert_to_tensor(w), s))
     distinct = np.unique(w).size
+    sample = w.ravel()[::max(1, w.size >> 20)]  # exact k-means on at most 2**20 values
     for k in clusters:
         if distinct <= k:  # already on at most k values
             yield next(keys), w
             continue
-        sample = np.sort(w.ravel())  # exact k-means on at most 2**20 evenly spaced values
-        centroids = kmeans1d(sample[::max(1, sample.size >> 20)], k)
-        edges = (centroids[1:] + centroids[:-1]) / 2
-        yield next(keys), centroids[np.searchsorted(edges, w)].astype(w.dtype)
-    if int8:
-        rows = channels_first_2d_np(w, spec.channel_axes) if spec.int8_per_channel \
-            else w.reshape(1, -1)
-        bound = np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-12)
-        q = np.clip(np.round(rows / bound * 127), -127, 127) * bound / 127
-        yield next(keys), _back(q, w, spec) if spec.int8_per_channel else q.reshape(w.shape)
-
-
-def _back(rows: np.ndarray, w: np.ndarray, spec) -> np.ndarray:
-    """Inverse of ``channels_first_2d_np``: rows of channels back to ``w``'s layout."""
-    rank = w.ndim
-    axes = [a % rank for a in spec.channel_axes]
-    perm = axes + [a for a in range(rank) if a not in axes]
-    moved = rows.astype(w.dtype).reshape([w.shape[a] for a in perm])
-    return np.transpose(moved, [perm.index(i) for i in range(rank)])
+        centroids = init_centroids(sample, k, "kmeans1d")
+        yield next(keys), centroids[np.searchsorted((centroids[1:] + centroids[:-1]) / 2,
+                                                    w)].astype(w.dtype)
+    if int8:  # the rounding QAT applies, per channel where QAT's is
+        quantizer = WeightFakeQuant(per_channel=spec.int8_per_channel,
+                                    channel_axes=spec.channel_axes,
+                                    reduction_axes=spec.reduction_axes)
+        yield next(keys), numpy(quantizer.apply(ops.convert_to_tensor(w)))
 
 
 __all__ = ["Metric", "LayerSensitivity", "Sensitivity", "sensitivity"]
