@@ -12,6 +12,10 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def _node(tree, name):
+    return next(n for n in tree.nodes if n.name == name)
+
+
 def _tree(trained, digits, **kw):
     (x, y), (xt, yt) = digits
     options = dict(compile={"optimizer": keras.optimizers.Adam(3e-4), "loss": _loss()},
@@ -115,7 +119,7 @@ def test_gradual_prune_schedule_and_code_version(trained, digits):
     from collabopt.pruning import PolynomialDecay
 
     tree = _tree(trained, digits, sparsity=0.75, fit={"epochs": 3, "batch_size": 64})
-    schedule = tree._prune_schedule()
+    schedule = tree._prune_schedule(0.75)
     steps = 3 * -(-600 // 64)  # 600 samples, batch 64
     assert isinstance(schedule, PolynomialDecay) and schedule.final == 0.75
     assert schedule.end_step == (2 * steps) // 3 and 1 <= schedule.frequency <= schedule.end_step
@@ -138,11 +142,9 @@ def test_qat_compile_used_for_qat_nodes_only(trained, digits):
         return fn
 
     tree = _tree(trained, digits, compile=compile_with(3e-4), qat_compile=compile_with(1e-5))
-    from collabopt.tree import Node
-
     parent = tree.model
-    tree._train(Node("qat", "base", "qat"), parent, print)
-    tree._train(Node("cluster", "base", "cluster"), parent, print)
+    tree._train(_node(tree, "qat"), parent, print)
+    tree._train(_node(tree, "cluster"), parent, print)
     assert seen == [("QAT", 1e-5), ("float", 3e-4)]
     other = _tree(trained, digits, compile=compile_with(3e-4), qat_compile=compile_with(1e-4))
     assert tree.fingerprint()["qat_compile"] != other.fingerprint()["qat_compile"]
@@ -152,9 +154,7 @@ def test_qat_compile_used_for_qat_nodes_only(trained, digits):
 
 def test_prune_layers_selects_what_the_prune_node_prunes(trained, digits):
     tree = _tree(trained, digits, prune_layers=["conv2"])
-    from collabopt.tree import Node
-
-    pruned = co.strip(tree._train(Node("prune", "base", "prune"), tree.model, print))
+    pruned = co.strip(tree._train(_node(tree, "prune"), tree.model, print))
     sparsity = {layer.name: float(np.mean(layer.get_weights()[0] == 0))
                 for layer in pruned.layers if layer.name in ("conv1", "conv2")}
     assert sparsity["conv2"] >= 0.45 and sparsity["conv1"] < 0.05
@@ -164,11 +164,9 @@ def test_prune_layers_selects_what_the_prune_node_prunes(trained, digits):
 
 @pytest.mark.slow
 def test_cluster_layers_selects_what_the_cluster_nodes_cluster(trained, digits):
-    tree = _tree(trained, digits, cluster_layers=["conv2"])
-    from collabopt.tree import Node
-
+    tree = _tree(trained, digits, cluster_layers=["conv2"], per_channel=True)
     for op in ("cluster", "cluster_pc"):
-        clustered = co.strip(tree._train(Node(op, "base", op), tree.model, print))
+        clustered = co.strip(tree._train(_node(tree, op), tree.model, print))
         unique = {layer.name: len(np.unique(layer.get_weights()[0]))
                   for layer in clustered.layers if layer.name in ("conv1", "conv2")}
         assert unique["conv1"] > 8 * 16, (op, unique)
@@ -194,7 +192,6 @@ def test_batchnorm_keep_trains_bn_where_the_file_keeps_the_structure(tmp_path, t
     cluster node still folds it; the per-channel leaves keep zeros and per-channel codebooks
     in the file."""
     from collabopt.quantization import FoldedBatchNorm
-    from collabopt.tree import Node
 
     tree = _tree(trained, digits, per_channel=True, batchnorm="keep")
     assert tree.fingerprint()["batchnorm"] == "keep"
@@ -202,9 +199,9 @@ def test_batchnorm_keep_trains_bn_where_the_file_keeps_the_structure(tmp_path, t
     def bn_kinds(model):
         return {type(layer).__name__ for layer in co.strip(model).layers
                 if isinstance(layer, (keras.layers.BatchNormalization, FoldedBatchNorm))}
-    assert bn_kinds(tree._train(Node("c", "base", "cluster"), trained, print)) == {
+    assert bn_kinds(tree._train(_node(tree, "cluster"), trained, print)) == {
         "FoldedBatchNorm"}
-    assert bn_kinds(tree._train(Node("c", "base", "cluster_pc"), trained, print)) == {
+    assert bn_kinds(tree._train(_node(tree, "cluster_pc"), trained, print)) == {
         "BatchNormalization"}
     rows = {r["path"]: r for r in tree.explore(
         tmp_path / "run", paths=["PQAT", "PCQAT(pc)"]).table()}

@@ -1,5 +1,5 @@
 """The exploration report: the reference guide's table, the density plot of a representative
-kernel through the stages, the accuracy-vs-size Pareto plot, and the recommended leaf.
+kernel through the stages, the metric-vs-size Pareto plots, and the recommended leaf.
 ``report.md`` links its PNGs; ``report.html`` embeds them and stands alone."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 COLUMNS = [
     ("path", "Path", "{}"),
-    ("fp32_accuracy", "FP32 acc.", "{:.2%}"),
-    ("int8_accuracy", "INT8 acc.", "{:.2%}"),
+    ("fp32_metric", "FP32 acc.", "{:.2%}"),
+    ("int8_metric", "INT8 acc.", "{:.2%}"),
     ("agreement", "Same class as Keras", "{:.2%}"),
     ("size_bytes", "Size (B)", "{:,}"),
     ("zip_bytes", "Zipped (B)", "{:,}"),
@@ -32,6 +32,14 @@ COLUMNS = [
 ]
 
 
+def columns(metric: str = "accuracy") -> list[tuple[str, str, str]]:
+    """The table's columns, the metric's two titled by its name."""
+    if metric == "accuracy":
+        return COLUMNS
+    return [(k, t, f) if not k.endswith("_metric") else
+            (k, f"{k.split('_')[0].upper()} {metric}", "{:.4g}") for k, t, f in COLUMNS]
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
@@ -44,18 +52,21 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return str(value)
 
 
-def markdown_table(rows: list[dict], baseline: dict | None = None) -> str:
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+def markdown_table(rows: list[dict], baseline: dict | None = None,
+                   metric: str = "accuracy") -> str:
+    cols = columns(metric)
+    head = "| " + " | ".join(title for _, title, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
     lines = [head, sep]
     for row in ([baseline] if baseline else []) + rows:
-        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")
     return "\n".join(lines)
 
 
-def format_table(rows: list[dict], baseline: dict | None = None) -> str:
+def format_table(rows: list[dict], baseline: dict | None = None,
+                 metric: str = "accuracy") -> str:
     """Plain-text table for terminals."""
-    keys = [c for c in COLUMNS if c[0] not in ("verified",)]
+    keys = [c for c in columns(metric) if c[0] not in ("verified",)]
     cells = [[title for _, title, _ in keys]]
     for row in ([baseline] if baseline else []) + rows:
         cells.append([_cell(row, k, f) for k, _, f in keys])
@@ -64,13 +75,15 @@ def format_table(rows: list[dict], baseline: dict | None = None) -> str:
                      for r in cells)
 
 
-def _targets_text(targets) -> str:
-    parts = [f"{k.replace('_', ' ')} = {v}" for k, v in vars(targets).items() if v is not None]
+def _targets_text(targets, metric: str = "accuracy") -> str:
+    values = {k.replace("metric", metric): v for k, v in vars(targets).items()
+              if v is not None and k != "max_accuracy_drop"}  # an alias of max_metric_drop
+    parts = [f"{k.replace('_', ' ')} = {v}" for k, v in values.items()]
     return ", ".join(parts) if parts else "none set"
 
 
 def write_report(result, density_sources: dict | None = None) -> None:
-    from collabopt.plots import plot_tradeoff, plot_weight_density
+    from collabopt.plots import plot_tradeoff, plot_tree, plot_weight_density
 
     out = Path(result.out_dir)
     images: dict[str, Path] = {}
@@ -82,18 +95,31 @@ def write_report(result, density_sources: dict | None = None) -> None:
                     density_sources, layer, out / "density.png")
             except (KeyError, ValueError) as err:
                 result.notes.append(f"density plot skipped: {err}")
+    metric, higher = result.metric, result.higher_is_better
+    if result.plan:
+        built = {r["path"]: r for r in result.rows}
+        images["The tree explored"] = plot_tree(
+            [{**leaf, "row": built.get(leaf["path"])} for leaf in result.plan], result.baseline,
+            out / "tree.png", metric, result.recommended)
     if result.rows:
-        images["Accuracy vs zipped size"] = plot_tradeoff(result.rows, out / "pareto.png")
+        title = metric[0].upper() + metric[1:]
+        images[f"{title} vs zipped size"] = plot_tradeoff(
+            result.rows, out / "pareto.png", y="int8_metric", y_label=f"int8 {metric}",
+            higher_is_better=higher)
         if any(r.get("vela_cycles") for r in result.rows):
-            images["Accuracy vs Ethos-U cycles"] = plot_tradeoff(
-                result.rows, out / "pareto_vela.png", x="vela_cycles")
+            images[f"{title} vs Ethos-U cycles"] = plot_tradeoff(
+                result.rows, out / "pareto_vela.png", x="vela_cycles", y="int8_metric",
+                y_label=f"int8 {metric}", higher_is_better=higher)
     if result.recommended:
         rec = f"**Recommended leaf: {result.recommended}** (meets every target, smallest file)."
     else:
         rec = "No leaf meets every target; relax a target or explore with other settings."
     threads = "latency: median of batch-1 runs, LiteRT interpreter, 1 thread, this CPU"
-    md = ["# collabopt deployment tree report\n", f"Targets: {_targets_text(result.targets)}.",
-          "", rec, "", markdown_table(result.rows, result.baseline), "", f"({threads}; "
+    direction = "higher" if higher else "lower"
+    md = ["# collabopt deployment tree report\n",
+          f"Metric: {metric} ({direction} is better). "
+          f"Targets: {_targets_text(result.targets, metric)}.",
+          "", rec, "", markdown_table(result.rows, result.baseline, metric), "", f"({threads}; "
           "zipped = deflate, as the reference reports; Vela: ethos-u55-128)", ""]
     micro = [f"{r['path']}: {r['tflm_line']}" for r in result.rows if r.get("tflm_line")]
     if micro:
@@ -107,7 +133,8 @@ def write_report(result, density_sources: dict | None = None) -> None:
     md += [f"- {n}" for n in result.notes]
     result.report_md = _write(out / "report.md", "\n".join(md))
     body = ["<h1>collabopt deployment tree report</h1>",
-            f"<p>Targets: {html.escape(_targets_text(result.targets))}.</p>",
+            f"<p>Metric: {html.escape(metric)} ({direction} is better). Targets: "
+            f"{html.escape(_targets_text(result.targets, metric))}.</p>",
             f"<p>{html.escape(rec).replace('**', '')}</p>", _html_table(result),
             f"<p><small>{html.escape(threads)}</small></p>"]
     if micro:
@@ -136,12 +163,13 @@ def _failed_lines(result) -> list[str]:
 
 
 def _html_table(result) -> str:
-    head = "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in COLUMNS)
+    cols = columns(result.metric)
+    head = "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols)
     rows = []
     for row in [result.baseline] + result.rows:
         style = " style='background:#e6f4ea'" if row.get("path") == result.recommended else ""
         rows.append(f"<tr{style}>" + "".join(f"<td>{html.escape(_cell(row, k, f))}</td>"
-                                             for k, _, f in COLUMNS) + "</tr>")
+                                             for k, _, f in cols) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 

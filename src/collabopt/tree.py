@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import traceback
@@ -41,21 +42,38 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Targets:
-    """What a deployable leaf must meet; None means "no limit"."""
+    """What a deployable leaf must meet; None means "no limit".
 
-    max_accuracy_drop: float | None = None  # in accuracy points (0.01 = 1 %) below FP32 base
+    ``max_metric_drop`` is in the tree's metric's own units, counted in its worse direction
+    from the FP32 base (top-1: 0.01 = one point below; an error metric: 0.01 above);
+    ``max_accuracy_drop`` is its older name and sets the same limit.
+    """
+
+    max_metric_drop: float | None = None
     max_zip_bytes: int | None = None
     max_latency_ms: float | None = None
     max_vela_cycles: int | None = None
     max_arena_bytes: int | None = None  # TFLite Micro tensor arena, measured (extra [micro])
     max_flash_bytes: int | None = None  # the model data in flash
     max_sram_bytes: int | None = None  # Ethos-U SRAM, from Vela (extra [vela])
+    max_accuracy_drop: float | None = None
 
-    def failures(self, row: dict, base_accuracy: float) -> list[str]:
+    def __post_init__(self):
+        if self.max_accuracy_drop is not None:
+            if self.max_metric_drop not in (None, self.max_accuracy_drop):
+                raise ValueError("max_accuracy_drop and max_metric_drop set the same limit; "
+                                 "give one of them")
+            object.__setattr__(self, "max_metric_drop", self.max_accuracy_drop)
+
+    def failures(self, row: dict, base_value: float, higher_is_better: bool = True
+                 ) -> list[str]:
+        """The targets ``row`` misses: "metric", "size", "latency", "vela cycles", ..."""
         out = []
-        if self.max_accuracy_drop is not None and (
-                base_accuracy - row["int8_accuracy"] > self.max_accuracy_drop + 1e-12):
-            out.append("accuracy")
+        if self.max_metric_drop is not None:
+            drop = (base_value - row["int8_metric"] if higher_is_better
+                    else row["int8_metric"] - base_value)
+            if drop > self.max_metric_drop + 1e-12:
+                out.append("metric")
         if self.max_zip_bytes is not None and row["zip_bytes"] > self.max_zip_bytes:
             out.append("size")
         if self.max_latency_ms is not None and row["latency_ms"] > self.max_latency_ms:
@@ -72,11 +90,14 @@ class Targets:
 
 @dataclass(frozen=True)
 class Node:
-    """A trained model: ``op`` applied to ``parent`` and fine-tuned."""
+    """A trained model: ``op`` applied to ``parent`` and fine-tuned, at its settings (a
+    prune node's sparsity, a cluster node's count; QAT nodes keep their parent's)."""
 
     name: str
     parent: str | None
     op: str  # "base", "prune", "cluster", "cluster_pc", "qat"
+    sparsity: float | None = None
+    clusters: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,31 +106,97 @@ class Leaf:
     node: str
     level: int
     quantization: str  # "ptq" or "qat"
+    sparsity: float | None = None  # the settings on its path (None: not pruned / clustered)
+    clusters: int | None = None
+    mildness: int = 0  # 0 for the mildest settings; stop_when_met tries lower ranks first
 
 
-def _plan(per_channel: bool) -> tuple[list[Node], list[Leaf]]:
-    nodes = [Node("base", None, "base"), Node("prune", "base", "prune"),
-             Node("cluster", "base", "cluster"), Node("prune_cluster", "prune", "cluster"),
-             Node("qat", "base", "qat"), Node("pqat", "prune", "qat"),
-             Node("cqat", "cluster", "qat"), Node("pcqat", "prune_cluster", "qat")]
-    leaves = [Leaf("PTQ", "base", 1, "ptq"), Leaf("QAT", "qat", 1, "qat"),
-              Leaf("prune → PTQ", "prune", 1, "ptq"), Leaf("cluster → PTQ", "cluster", 1, "ptq"),
-              Leaf("PQAT", "pqat", 2, "qat"),
-              Leaf("prune → cluster → PTQ", "prune_cluster", 2, "ptq"),
-              Leaf("CQAT", "cqat", 2, "qat"), Leaf("PCQAT", "pcqat", 3, "qat")]
-    if per_channel:
-        nodes += [Node("cluster_pc", "base", "cluster_pc"),
-                  Node("prune_cluster_pc", "prune", "cluster_pc"),
-                  Node("cqat_pc", "cluster_pc", "qat"), Node("pcqat_pc", "prune_cluster_pc", "qat")]
-        leaves += [Leaf("cluster(pc) → PTQ", "cluster_pc", 1, "ptq"),
-                   Leaf("CQAT(pc)", "cqat_pc", 2, "qat"),
-                   Leaf("prune → cluster(pc) → PTQ", "prune_cluster_pc", 2, "ptq"),
-                   Leaf("PCQAT(pc)", "pcqat_pc", 3, "qat")]
+def _plan(per_channel: bool, sparsities: Sequence[float] = (0.5,),
+          clusters: Sequence[int] = (16,)) -> tuple[list[Node], list[Leaf]]:
+    """Every node and leaf for the settings: one prune node per sparsity and one cluster
+    node per count, shared by all their descendants. With one setting of each, names are
+    the plain ones ("prune", "PCQAT"); with several, each carries its settings
+    ("prune@0.75", "PCQAT 75% k8")."""
+    sparsities = sorted(sparsities)  # mildest first
+    clusters = sorted(clusters, reverse=True)
+    many_s, many_k = len(sparsities) > 1, len(clusters) > 1
+
+    def tag(s=None, k=None) -> tuple[str, str]:  # node suffix, leaf suffix
+        node = (f"@{s:g}" if s is not None and many_s else "") + (
+            f"@k{k}" if k is not None and many_k else "")
+        label = ([f"{s:.0%}"] if s is not None and many_s else []) + (
+            [f"k{k}"] if k is not None and many_k else [])
+        return node, (" " + " ".join(label)) if label else ""
+
+    def rank(s=None, k=None) -> int:
+        return (sparsities.index(s) if s is not None else 0) + (
+            clusters.index(k) if k is not None else 0)
+
+    nodes = [Node("base", None, "base"), Node("qat", "base", "qat")]
+    leaves = [Leaf("PTQ", "base", 1, "ptq"), Leaf("QAT", "qat", 1, "qat")]
+    variants = [("", "cluster")] + ([("_pc", "cluster_pc")] if per_channel else [])
+    for s in sparsities:
+        n, label = tag(s)
+        nodes += [Node(f"prune{n}", "base", "prune", s), Node(f"pqat{n}", f"prune{n}", "qat", s)]
+        leaves += [Leaf(f"prune → PTQ{label}", f"prune{n}", 1, "ptq", s, None, rank(s)),
+                   Leaf(f"PQAT{label}", f"pqat{n}", 2, "qat", s, None, rank(s))]
+    for k in clusters:
+        for pc, op in variants:
+            n, label = tag(k=k)
+            name = "(pc)" if pc else ""
+            nodes += [Node(f"cluster{pc}{n}", "base", op, None, k),
+                      Node(f"cqat{pc}{n}", f"cluster{pc}{n}", "qat", None, k)]
+            leaves += [Leaf(f"cluster{name} → PTQ{label}", f"cluster{pc}{n}", 1, "ptq", None, k,
+                            rank(k=k)),
+                       Leaf(f"CQAT{name}{label}", f"cqat{pc}{n}", 2, "qat", None, k, rank(k=k))]
+            for s in sparsities:
+                n, label = tag(s, k)
+                prune = f"prune{tag(s)[0]}"
+                nodes += [Node(f"prune_cluster{pc}{n}", prune, op, s, k),
+                          Node(f"pcqat{pc}{n}", f"prune_cluster{pc}{n}", "qat", s, k)]
+                leaves += [Leaf(f"prune → cluster{name} → PTQ{label}", f"prune_cluster{pc}{n}",
+                                2, "ptq", s, k, rank(s, k)),
+                           Leaf(f"PCQAT{name}{label}", f"pcqat{pc}{n}", 3, "qat", s, k,
+                                rank(s, k))]
+    order = {name: i for i, name in enumerate(_LEAF_ORDER)}  # the guide's order in a level
+    leaves.sort(key=lambda lf: (lf.level, lf.mildness, order[_kind(lf.name)]))
+    # parents first; the per-tensor family before the per-channel one, as a parallel run
+    # submits them (stable: settings stay mildest first)
+    kinds = ["base", "prune", "cluster", "prune_cluster", "qat", "pqat", "cqat", "pcqat"]
+    nodes.sort(key=lambda n: ("_pc" in n.name, kinds.index(n.name.split("@")[0]
+                                                           .replace("_pc", ""))))
     return nodes, leaves
 
 
-def leaf_names(per_channel: bool = True) -> list[str]:
-    return [leaf.name for leaf in _plan(per_channel)[1]]
+# a leaf's kind is its name without the settings; within one level and setting, this order
+_LEAF_ORDER = ["PTQ", "QAT", "prune → PTQ", "cluster → PTQ", "PQAT", "prune → cluster → PTQ",
+               "CQAT", "PCQAT", "cluster(pc) → PTQ", "CQAT(pc)", "prune → cluster(pc) → PTQ",
+               "PCQAT(pc)"]
+
+
+def _kind(leaf_name: str) -> str:
+    return next(k for k in sorted(_LEAF_ORDER, key=len, reverse=True)
+                if leaf_name == k or leaf_name.startswith(k + " "))
+
+
+def leaf_names(per_channel: bool = True, sparsity=0.5, clusters=16) -> list[str]:
+    """The leaves a tree with these settings builds, in exploration order."""
+    return [leaf.name for leaf in _plan(per_channel, _as_settings(sparsity, "sparsity"),
+                                        _as_settings(clusters, "clusters"))[1]]
+
+
+def _as_settings(value, what: str) -> tuple:
+    """One setting or a list of them, validated: sparsities in (0, 1), counts >= 3."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{what} must be one value or a list of distinct values, got {value!r}")
+    for v in values:
+        if what == "sparsity" and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                   or not 0 < v < 1):
+            raise ValueError(f"sparsity must be in (0, 1), got {v!r}")
+        if what == "clusters" and (isinstance(v, bool) or not isinstance(v, int) or v < 3):
+            raise ValueError(f"clusters must be an int >= 3, got {v!r}")
+    return tuple(values)
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -162,6 +249,9 @@ class ExploreResult:
     report_html: Path | None = None
     notes: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)  # leaves not built: path, node, error
+    metric: str = "accuracy"  # the name of what *_metric columns hold
+    higher_is_better: bool = True
+    plan: list[dict] = field(default_factory=list)  # every planned leaf: path, level, parent
 
     def table(self) -> list[dict]:
         """One row per leaf, the columns of the reference guide's table."""
@@ -170,7 +260,7 @@ class ExploreResult:
     def __str__(self) -> str:
         from collabopt.report import format_table
 
-        return format_table(self.rows, self.baseline)
+        return format_table(self.rows, self.baseline, self.metric)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -216,30 +306,39 @@ class DeploymentTree:
     batch-norm-folded cluster node back its pre-clustering channel means after the fine-tune
     (``co.correct_bias``): with batch norm folded nothing else re-estimates them (DS-CNN-L,
     50 %/16, three seeds: CQAT 92.0 → 93.6 %, docs/BENCHMARKS.md).
+
+    ``metric`` scores every node and every file alike, on their outputs over ``val``
+    (``collabopt.metrics.resolve``): top-1 by default, a Keras metric name or object, or a
+    callable ``(y_true, y_pred) -> float``; ``higher_is_better`` defaults from the name
+    where it is known (accuracy, auc: higher; mse, loss, error: lower). Rows hold it as
+    ``fp32_metric`` / ``keras_metric`` / ``int8_metric``, ``Targets(max_metric_drop=)``
+    limits it, and the report names it.
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
-                 fit: dict | None = None, sparsity: float = 0.5, clusters: int = 16,
+                 fit: dict | None = None, sparsity: float | Sequence[float] = 0.5,
+                 clusters: int | Sequence[int] = 16,
                  per_channel: bool = False, targets: Targets | None = None,
                  calibration_samples: int = 300, latency_runs: int = 50,
                  vela_accelerator: str | None = "ethos-u55-128",
                  qat_compile: Callable | dict | None = None, prune_layers=None,
                  cluster_layers=None, batchnorm: str = "keep", seed: int | None = 0,
-                 bias_correction: bool = True):
+                 bias_correction: bool = True, metric=None,
+                 higher_is_better: bool | None = None):
         from collabopt.core.rewrite import ensure_built
+        from collabopt.metrics import resolve
         from collabopt.quantization import BATCHNORM
 
         ensure_built(model)
-        if not 0 < sparsity < 1:
-            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
-        if not isinstance(clusters, int) or clusters < 3:
-            raise ValueError(f"clusters must be an int >= 3, got {clusters!r}")
+        sparsities = _as_settings(sparsity, "sparsity")
+        cluster_counts = _as_settings(clusters, "clusters")
         if batchnorm not in BATCHNORM:
             raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                                  or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self.batchnorm, self.seed = batchnorm, seed
+        self.metric = resolve(metric, higher_is_better)
         self.bias_correction = bool(bias_correction)
         self.model = model
         self.train, self.val = train, val
@@ -254,7 +353,7 @@ class DeploymentTree:
         self.calibration_samples = calibration_samples
         self.latency_runs = latency_runs
         self.vela_accelerator = vela_accelerator
-        self.nodes, self.leaves = _plan(per_channel)
+        self.nodes, self.leaves = _plan(per_channel, sparsities, cluster_counts)
 
     # -- configuration fingerprint (refuse to mix runs in one out_dir) --
     def fingerprint(self) -> dict:
@@ -272,7 +371,9 @@ class DeploymentTree:
                 "prune_layers": _describe_selector(self.prune_layers),
                 "cluster_layers": _describe_selector(self.cluster_layers),
                 "batchnorm": self.batchnorm, "seed": self.seed,
-                "bias_correction": self.bias_correction}
+                "bias_correction": self.bias_correction,
+                "metric": f"{self.metric.name} ("
+                          f"{'higher' if self.metric.higher_is_better else 'lower'} is better)"}
 
     def _compile(self, model, how):
         import keras
@@ -287,7 +388,7 @@ class DeploymentTree:
         model.compile(**kwargs)
         return model
 
-    def _prune_schedule(self):
+    def _prune_schedule(self, sparsity: float):
         """Zhu & Gupta ramp over the first 2/3 of fine-tuning, then a third to recover.
 
         One-shot pruning of a deep model to a high sparsity (75 % of DS-CNN-L) destroyed it
@@ -299,7 +400,7 @@ class DeploymentTree:
             self.train, self.fit.get("batch_size", 32))
         steps = int(per_epoch) * int(self.fit.get("epochs", 1))
         end = max(1, (2 * steps) // 3)
-        return PolynomialDecay(0.0, self.sparsity, begin_step=0, end_step=end,
+        return PolynomialDecay(0.0, sparsity, begin_step=0, end_step=end,
                                frequency=max(1, end // 16))
 
     def _train(self, node: Node, parent_model, log):
@@ -313,12 +414,12 @@ class DeploymentTree:
 
         folded = None  # the uncompressed, batch-norm-folded parent of a cluster node
         if node.op == "prune":  # before BN folding: batch norm helps the model recover
-            model = co.prune(parent_model, self._prune_schedule(), layers=self.prune_layers,
-                             verbose=False)
+            model = co.prune(parent_model, self._prune_schedule(node.sparsity),
+                             layers=self.prune_layers, verbose=False)
         elif node.op == "cluster":
             # BN folded first, so the converter cannot rescale the shared values per channel
             folded = fold_batchnorm(parent_model)
-            model = co.cluster(folded, self.clusters, layers=self.cluster_layers,
+            model = co.cluster(folded, node.clusters, layers=self.cluster_layers,
                                verbose=False)
         elif node.op == "cluster_pc":
             # per channel where the file scales per channel: those codebooks survive the
@@ -328,7 +429,7 @@ class DeploymentTree:
                 parent = fold_batchnorm_behind_per_tensor(parent_model)
             else:
                 parent = folded = fold_batchnorm(parent_model)
-            model = co.cluster(parent, self.clusters, per_channel="auto",
+            model = co.cluster(parent, node.clusters, per_channel="auto",
                                layers=self.cluster_layers, verbose=False)
         elif node.op == "qat":
             model = co.quantize(parent_model, batchnorm=self.batchnorm, verbose=False)
@@ -434,13 +535,14 @@ class DeploymentTree:
             trained[name] = model
             return model
 
-        def float_accuracy(name: str) -> float:
-            file = out / "nodes" / f"{name}.accuracy.json"
+        def float_metric(name: str) -> float:
+            file = out / "nodes" / f"{name}.metric.json"
             if file.exists():
-                return json.loads(file.read_text())["accuracy"]
-            acc = _keras_accuracy(node_model(name), x_val, y_val)
-            _atomic_json(file, {"accuracy": acc})
-            return acc
+                return json.loads(file.read_text())["value"]
+            value = self.metric.score(
+                y_val, node_model(name).predict(x_val, verbose=0, batch_size=256))
+            _atomic_json(file, {"metric": self.metric.name, "value": value})
+            return value
 
         def build_leaf(leaf: Leaf, level: int, result_file: Path) -> dict:
             start = time.perf_counter()
@@ -455,7 +557,6 @@ class DeploymentTree:
             rep = inspect(path)
             file_out = predict_tflite(path, x_val, verbose=False)
             keras_out = model.predict(x_val, verbose=0, batch_size=256)
-            file_pred = _classes(file_out)
             try:
                 verify(path, model)
                 verified = "yes"
@@ -464,14 +565,15 @@ class DeploymentTree:
                 verified = "no: " + (lines[1] if len(lines) > 1 else lines[0]).strip()
             row = {
                 "path": leaf.name, "level": level, "node": leaf.node,
-                "fp32_accuracy": float_accuracy(
-                    leaf.node if leaf.quantization == "ptq"
-                    else _float_parent(self.nodes, leaf.node)),
-                "keras_accuracy": float_accuracy(leaf.node),  # the exported model
-                "int8_accuracy": _top1(file_pred, y_val),
-                # conversion fidelity, finer than an accuracy difference (flips in both
-                # directions cancel there)
-                "agreement": float(np.mean(file_pred == _classes(keras_out))),
+                "target_sparsity": leaf.sparsity, "target_clusters": leaf.clusters,
+                **self._metric_columns(
+                    fp32=float_metric(leaf.node if leaf.quantization == "ptq"
+                                      else _float_parent(self.nodes, leaf.node)),
+                    keras=float_metric(leaf.node),  # the exported model
+                    int8=self.metric.score(y_val, file_out)),
+                # conversion fidelity, finer than a metric difference (flips in both
+                # directions cancel there); classes only where outputs are class scores
+                "agreement": _agreement(file_out, keras_out),
                 "output_error": _relative_error(file_out, keras_out),
                 "size_bytes": rep.size_bytes, "zip_bytes": rep.zip_bytes,
                 "zip_reduction": 1 - rep.zip_bytes / baseline["zip_bytes"],
@@ -501,9 +603,10 @@ class DeploymentTree:
                     row["vela_error"] = str(err)
             row["seconds"] = time.perf_counter() - start  # export and measurements
             _atomic_json(result_file, row)
-            log(f"[tree] level {level} · {leaf.name}: int8 accuracy "
-                f"{row['int8_accuracy']:.4f} (same class as Keras on "
-                f"{row['agreement']:.2%}), {row['zip_bytes']:,} bytes zipped, "
+            same = ("" if row["agreement"] is None
+                    else f" (same class as Keras on {row['agreement']:.2%})")
+            log(f"[tree] level {level} · {leaf.name}: int8 {self.metric.name} "
+                f"{row['int8_metric']:.4f}{same}, {row['zip_bytes']:,} bytes zipped, "
                 f"{row['latency_ms']:.3f} ms, verified {verified} "
                 f"({time.perf_counter() - start:.1f}s)")
             return row
@@ -516,21 +619,26 @@ class DeploymentTree:
         else:
             co.export_tflite(node_model("base"), base_file, quantization="float")
             rep = inspect(base_file)
-            baseline = {"path": "FP32 baseline", "fp32_accuracy": float_accuracy("base"),
-                        "int8_accuracy": None, "size_bytes": rep.size_bytes,
+            baseline = {"path": "FP32 baseline",
+                        **self._metric_columns(fp32=float_metric("base"), keras=None,
+                                               int8=None),
+                        "size_bytes": rep.size_bytes,
                         "zip_bytes": rep.zip_bytes,
                         "latency_ms": latency_ms(base_file, runs=self.latency_runs)}
             _atomic_json(baseline_json, baseline)
-        log(f"[tree] FP32 baseline: accuracy {baseline['fp32_accuracy']:.4f}, "
+        log(f"[tree] FP32 baseline: {self.metric.name} {baseline['fp32_metric']:.4f}, "
             f"{baseline['zip_bytes']:,} bytes zipped")
 
         rows: list[dict] = []
         failed: list[dict] = []
         if executor is not None and not stop_when_met:
             train_in_parallel([lf for lf in self.leaves if lf.name in wanted])
-        for level in (1, 2, 3):
+        # stop_when_met: level by level, and in a level the mildest settings first
+        groups = sorted({(lf.level, lf.mildness) for lf in self.leaves if lf.name in wanted})
+        for level, mildness in groups:
             level_rows = []
-            level_leaves = [lf for lf in self.leaves if lf.level == level and lf.name in wanted]
+            level_leaves = [lf for lf in self.leaves if lf.name in wanted
+                            and (lf.level, lf.mildness) == (level, mildness)]
             if executor is not None and stop_when_met:
                 train_in_parallel(level_leaves)
             for leaf in level_leaves:
@@ -543,7 +651,7 @@ class DeploymentTree:
                 if result_file.exists():
                     row = json.loads(result_file.read_text())
                     log(f"[tree] level {level} · {leaf.name}: done earlier "
-                        f"(int8 accuracy {row['int8_accuracy']:.4f})")
+                        f"(int8 {self.metric.name} {row['int8_metric']:.4f})")
                 else:
                     try:
                         row = build_leaf(leaf, level, result_file)
@@ -555,25 +663,38 @@ class DeploymentTree:
                                        "error": reason, "traceback": traceback.format_exc()})
                         log(f"[tree] level {level} · {leaf.name}: FAILED, {reason}")
                         continue
-                row["meets_targets"] = not self.targets.failures(row, baseline["fp32_accuracy"])
+                row["meets_targets"] = not self.targets.failures(
+                    row, baseline["fp32_metric"], self.metric.higher_is_better)
                 level_rows.append(row)
             rows.extend(level_rows)
             if stop_when_met and any(r["meets_targets"] for r in level_rows):
-                log(f"[tree] level {level} meets the targets: stopping here, as the guide "
+                where = f"level {level}" + (f", settings rank {mildness}" if mildness else "")
+                log(f"[tree] {where} meets the targets: stopping here, as the guide "
                     "recommends")
                 break
-        recommended = _recommend(rows)
-        result = ExploreResult(out, rows, baseline, recommended, self.targets, failed=failed)
+        recommended = _recommend(rows, self.metric.higher_is_better)
+        result = ExploreResult(out, rows, baseline, recommended, self.targets, failed=failed,
+                               metric=self.metric.name,
+                               higher_is_better=self.metric.higher_is_better,
+                               plan=self._leaf_tree())
         if failed:
             log(f"[tree] {len(failed)} leaf/leaves failed ({', '.join(f['path'] for f in failed)})"
                 "; the report says why, and running the same exploration again retries them")
         from collabopt.report import write_report
 
-        for name in ("base", "prune", "prune_cluster"):  # stages of the density plot
+        for name in self._density_nodes().values():  # stages of the density plot
             if name == "base" or (out / "nodes" / f"{name}.keras").exists():
                 node_model(name)
         write_report(result, density_sources=self._density_sources(trained, out))
         return result
+
+    def _metric_columns(self, fp32, keras, int8) -> dict:
+        """The metric's columns; for top-1 also under their historical ``*_accuracy`` names,
+        which the benchmarks' stored tables use."""
+        cols = {"fp32_metric": fp32, "keras_metric": keras, "int8_metric": int8}
+        if self.metric.name == "accuracy":
+            cols.update({k.replace("_metric", "_accuracy"): v for k, v in cols.items()})
+        return cols
 
     def _select(self, paths) -> set[str]:
         names = [leaf.name for leaf in self.leaves]
@@ -586,17 +707,33 @@ class DeploymentTree:
             raise ValueError(f"unknown tree path(s) {unknown}; choose from {names}")
         return set(paths)
 
+    def _leaf_tree(self) -> list[dict]:
+        """Each leaf with the leaf it descends from (None: the FP32 base), for the picture."""
+        parent_node = {n.name: n.parent for n in self.nodes}
+        leaf_of = {lf.node: lf.name for lf in self.leaves}
+        return [{"path": lf.name, "level": lf.level,
+                 "parent": None if lf.node == "base" or parent_node[lf.node] == "base"
+                 else leaf_of[parent_node[lf.node]]} for lf in self.leaves]
+
     def _density_sources(self, trained, out: Path) -> dict:
         """Stages for the density plot of one representative kernel."""
         stages = {}
-        for label, node in (("baseline", "base"), ("pruned", "prune"),
-                            ("pruned + clustered", "prune_cluster")):
+        nodes = self._density_nodes()
+        for label, node in nodes.items():
             if node in trained:
                 stages[label] = trained[node]
-        pcqat = out / "leaves" / f"{_slug('PCQAT')}.tflite"
-        if pcqat.exists():
-            stages["PCQAT int8 (file)"] = str(pcqat)
+        pcqat = next(lf.name for lf in self.leaves if lf.quantization == "qat" and next(
+            n.parent for n in self.nodes if n.name == lf.node) == nodes["pruned + clustered"])
+        file = out / "leaves" / f"{_slug(pcqat)}.tflite"
+        if file.exists():
+            stages["PCQAT int8 (file)"] = str(file)
         return stages
+
+    def _density_nodes(self) -> dict[str, str]:
+        """The nodes the density plot follows: the first (mildest) prune -> cluster path."""
+        prune_cluster = next(n for n in self.nodes if n.op == "cluster" and n.sparsity)
+        return {"baseline": "base", "pruned": prune_cluster.parent,
+                "pruned + clustered": prune_cluster.name}
 
 
 def _describe(compile_spec) -> str:
@@ -659,6 +796,14 @@ def _classes(outputs) -> np.ndarray:
     return np.argmax(outputs.reshape(len(outputs), -1), axis=1)
 
 
+def _agreement(file_out, keras_out) -> float | None:
+    """Share of samples whose top class is the same in the file and in Keras; None for
+    models with one output value per sample (a regressor, an autoencoder's score)."""
+    if np.asarray(keras_out).reshape(len(keras_out), -1).shape[1] < 2:
+        return None
+    return float(np.mean(_classes(file_out) == _classes(keras_out)))
+
+
 def _relative_error(file_out, keras_out) -> float:
     """The file's largest output deviation from Keras, relative to the largest Keras output
     (0.01: within 1 % of the output range; meaningful where classes are not)."""
@@ -666,23 +811,19 @@ def _relative_error(file_out, keras_out) -> float:
     return float(np.abs(file_out - keras_out).max() / max(np.abs(keras_out).max(), 1e-12))
 
 
-def _top1(classes: np.ndarray, y) -> float:
-    return float(np.mean(classes == np.asarray(y).ravel()))
-
-
-def _keras_accuracy(model, x, y) -> float:
-    return _top1(_classes(model.predict(x, verbose=0, batch_size=256)), y)
-
-
 def _slug(name: str) -> str:
-    return (name.replace(" → ", "-").replace("(pc)", "_pc").replace(" ", "_").lower())
+    """A leaf's file name: "prune → cluster(pc) → PTQ 75% k8" -> prune-cluster_pc-ptq_75pct_k8."""
+    name = name.replace(" → ", "-").replace("(pc)", "_pc").replace("%", "pct")
+    return re.sub(r"[^a-z0-9_.-]+", "_", name.lower())
 
 
-def _recommend(rows: list[dict]) -> str | None:
+def _recommend(rows: list[dict], higher_is_better: bool = True) -> str | None:
+    """The smallest file meeting every target; among equal sizes, the best metric."""
     meeting = [r for r in rows if r["meets_targets"]]
     if not meeting:
         return None
-    best = min(meeting, key=lambda r: (r["zip_bytes"], -r["int8_accuracy"]))
+    sign = -1 if higher_is_better else 1
+    best = min(meeting, key=lambda r: (r["zip_bytes"], sign * r["int8_metric"]))
     return best["path"]
 
 
