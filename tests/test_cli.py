@@ -65,6 +65,18 @@ max_accuracy_drop = 0.1
      'dask_scheduler = "tcp://10.0.0.5:8786"\n', "choose one"),
     ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[targets]\n'
      'max_arena_bytes = "64k"\n', r"\[targets\].max_arena_bytes must be a non-negative number"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nsparsity = [0.5, 1.5]\n',
+     r"\[tree\]: sparsity must be in \(0, 1\), got 1.5"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nclusters = [8, 8]\n',
+     r"\[tree\]: clusters must be one value or a list of distinct values"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nmetric = "nope"\n',
+     r"\[tree\].metric: unknown metric 'nope'"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nhigher_is_better = 1\n',
+     r"\[tree\].higher_is_better must be true or false"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[targets]\n'
+     'max_metric_drop = 0.1\nmax_accuracy_drop = 0.1\n', "the same limit"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nsparsity = [0.5, 0.75]\n'
+     'paths = ["prune → PTQ"]\n', r"\[tree\].paths"),  # with two settings, leaves name theirs
 ])
 def test_bad_configs(project, body, message):
     with pytest.raises(ConfigError, match=message):
@@ -167,3 +179,28 @@ def test_inspect_command(tmp_path, trained, digits, capsys):
     bad.write_bytes(b"garbage!")
     assert main(["inspect", str(bad)]) == 2
     assert "not a TFLite model" in capsys.readouterr().err
+
+
+def test_settings_lists_and_metric_from_the_config(project, capsys):
+    cfg = _write(project / "c.toml", """
+[model]
+path = "model.keras"
+[data]
+npz = "data.npz"
+[train]
+from_logits = true
+epochs = 1
+[tree]
+out_dir = "out"
+paths = ["prune → PTQ 50%", "prune → PTQ 75%"]
+sparsity = [0.5, 0.75]
+metric = "accuracy"
+stop_when_met = true
+[targets]
+max_metric_drop = 0.5
+""")
+    assert main(["run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "prune → PTQ 50%" in out and "level 1 meets the targets" in out
+    assert "PTQ 75%" not in out  # the milder setting met the targets: never built
+    assert json.loads((project / "out" / "config.json").read_text())["sparsity"] == [0.5, 0.75]

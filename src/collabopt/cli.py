@@ -81,9 +81,9 @@ _KEYS = {
               "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
              "prune_skip", "cluster_skip", "batchnorm", "seed", "bias_correction", "workers",
-             "dask_scheduler"},
-    "targets": {"max_accuracy_drop", "max_zip_bytes", "max_latency_ms", "max_vela_cycles",
-                "max_arena_bytes", "max_flash_bytes", "max_sram_bytes"},
+             "dask_scheduler", "metric", "higher_is_better"},
+    "targets": {"max_metric_drop", "max_accuracy_drop", "max_zip_bytes", "max_latency_ms",
+                "max_vela_cycles", "max_arena_bytes", "max_flash_bytes", "max_sram_bytes"},
 }
 
 
@@ -122,7 +122,11 @@ def load_config(path: Path) -> dict:
 
     tree = config.setdefault("tree", {})
     paths = tree.get("paths", "all")
-    names = leaf_names(per_channel=True)
+    try:  # one value or a list of them: sparsities in (0, 1), cluster counts >= 3
+        names = leaf_names(per_channel=True, sparsity=tree.get("sparsity", 0.5),
+                           clusters=tree.get("clusters", 16))
+    except ValueError as err:
+        raise ConfigError(f"{path}: [tree]: {err}") from err
     if paths != "all":
         if not isinstance(paths, list) or any(p not in names for p in paths):
             raise ConfigError(f"{path}: [tree].paths: {paths!r} is not 'all' or a list of "
@@ -130,9 +134,6 @@ def load_config(path: Path) -> dict:
         if not tree.get("per_channel") and any("(pc)" in p for p in paths):
             raise ConfigError(f"{path}: [tree].paths names per-channel leaves but "
                               "[tree].per_channel is not true")
-    for key, kind in (("sparsity", float), ("clusters", int)):
-        if key in tree and not isinstance(tree[key], (int, float) if kind is float else int):
-            raise ConfigError(f"{path}: [tree].{key} must be a number, got {tree[key]!r}")
     for key in ("prune_skip", "cluster_skip"):
         if key in tree and (not isinstance(tree[key], list)
                             or not all(isinstance(v, str) for v in tree[key])):
@@ -161,10 +162,26 @@ def load_config(path: Path) -> dict:
         if "workers" in tree:
             raise ConfigError(f"{path}: [tree] sets both workers (local processes) and "
                               "dask_scheduler (a cluster): choose one")
+    if "higher_is_better" in tree and not isinstance(tree["higher_is_better"], bool):
+        raise ConfigError(f"{path}: [tree].higher_is_better must be true or false, got "
+                          f"{tree['higher_is_better']!r}")
+    if "metric" in tree:
+        from collabopt.metrics import resolve
+
+        if not isinstance(tree["metric"], str):
+            raise ConfigError(f"{path}: [tree].metric must be a Keras metric name such as "
+                              f"\"mse\" or \"auc\", got {tree['metric']!r}")
+        try:
+            resolve(tree["metric"], tree.get("higher_is_better"))
+        except ValueError as err:
+            raise ConfigError(f"{path}: [tree].metric: {err}") from err
     for key, value in config.get("targets", {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{path}: [targets].{key} must be a non-negative number, got "
                               f"{value!r}")
+    if {"max_metric_drop", "max_accuracy_drop"} <= set(config.get("targets", {})):
+        raise ConfigError(f"{path}: [targets] sets max_metric_drop and max_accuracy_drop, "
+                          "the same limit: keep one")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
 
@@ -265,15 +282,17 @@ def run(config_path: Path, force: bool, workers: int | None = None) -> int:
                     f"{config_path}: [tree].{key}: {unknown} match no layer of the model (by "
                     f"name or class); its layers: {[layer.name for layer in model.layers]}")
             selectors[key.replace("_skip", "_layers")] = selector
+    metric = tree_cfg.get("metric")  # the tree scores with it; fit shows accuracy by default
+    shown = ["accuracy"] if metric in (None, "accuracy") else []
     tree = co.DeploymentTree(
-        model, train, val, compile={"optimizer": optimizer, "loss": loss,
-                                    "metrics": ["accuracy"]},
-        qat_compile={"optimizer": qat_optimizer, "loss": loss, "metrics": ["accuracy"]},
+        model, train, val, compile={"optimizer": optimizer, "loss": loss, "metrics": shown},
+        qat_compile={"optimizer": qat_optimizer, "loss": loss, "metrics": shown},
         fit={"epochs": t.get("epochs", 1), "batch_size": t.get("batch_size", 32), "verbose": 2},
         sparsity=tree_cfg.get("sparsity", 0.5), clusters=tree_cfg.get("clusters", 16),
         per_channel=tree_cfg.get("per_channel", False),
         batchnorm=tree_cfg.get("batchnorm", "keep"), seed=tree_cfg.get("seed", 0),
-        bias_correction=tree_cfg.get("bias_correction", True),
+        bias_correction=tree_cfg.get("bias_correction", True), metric=metric,
+        higher_is_better=tree_cfg.get("higher_is_better"),
         targets=co.Targets(**config.get("targets", {})), **selectors)
     if workers is not None and "dask_scheduler" in tree_cfg:
         raise ConfigError(f"{config_path}: --workers runs local processes, but [tree] names a "
