@@ -77,6 +77,12 @@ max_accuracy_drop = 0.1
      'max_metric_drop = 0.1\nmax_accuracy_drop = 0.1\n', "the same limit"),
     ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nsparsity = [0.5, 0.75]\n'
      'paths = ["prune → PTQ"]\n', r"\[tree\].paths"),  # with two settings, leaves name theirs
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nlayer_policy = "auto"\n',
+     r"layer_policy = \"auto\" needs a threshold"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\nlayer_policy = "most"\n',
+     r"\[tree\].layer_policy must be"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\n'
+     'sensitivity_threshold = -1\n', r"\[tree\].sensitivity_threshold must be a non-negative"),
 ])
 def test_bad_configs(project, body, message):
     with pytest.raises(ConfigError, match=message):
@@ -196,6 +202,7 @@ paths = ["prune → PTQ 50%", "prune → PTQ 75%"]
 sparsity = [0.5, 0.75]
 metric = "accuracy"
 stop_when_met = true
+layer_policy = "auto"
 [targets]
 max_metric_drop = 0.5
 """)
@@ -203,4 +210,6 @@ max_metric_drop = 0.5
     out = capsys.readouterr().out
     assert "prune → PTQ 50%" in out and "level 1 meets the targets" in out
     assert "PTQ 75%" not in out  # the milder setting met the targets: never built
-    assert json.loads((project / "out" / "config.json").read_text())["sparsity"] == [0.5, 0.75]
+    config = json.loads((project / "out" / "config.json").read_text())
+    assert config["sparsity"] == [0.5, 0.75] and config["layer_policy"] == "auto"
+    assert "[tree] prune 50%:" in out  # what the sensitivity pass spared, or that it spared none

@@ -2,6 +2,8 @@
 Keras nodes and on the int8 files alike, settings lists with shared parents, stopping at the
 mildest settings that meet the targets, and the tree drawn in the report."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -164,3 +166,40 @@ def test_stop_when_met_tries_the_mildest_settings_first(tmp_path, trained, digit
     assert any("level 1 meets the targets" in m for m in messages)
     assert result.recommended in {r["path"] for r in result.rows if r["meets_targets"]}
     assert len(result.plan) == 18  # the picture shows the rest as not built
+
+
+def test_layer_policy_auto_spares_the_critical_layers(tmp_path, trained, digits):
+    """The first conv (144 weights) alone costs ~12 points at 50 % sparsity, five times the
+    median layer: "auto" leaves it dense, and unclustered at 4 values, in the files."""
+    (x, y), (xt, yt) = digits
+    kw = dict(compile={"optimizer": keras.optimizers.Adam(3e-4),
+                       "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+              fit=_fit_kw(), sparsity=0.5, clusters=4, latency_runs=3, vela_accelerator=None)
+    with pytest.raises(ValueError, match="max_metric_drop"):
+        co.DeploymentTree(trained, (x[:600], y[:600]), (xt, yt), layer_policy="auto", **kw)
+    with pytest.raises(ValueError, match="layer_policy must be"):
+        co.DeploymentTree(trained, (x[:600], y[:600]), (xt, yt), layer_policy="some", **kw)
+    tree = co.DeploymentTree(trained, (x[:600], y[:600]), (xt, yt), layer_policy="auto",
+                             targets=co.Targets(max_metric_drop=0.01), **kw)
+    result = tree.explore(tmp_path / "run", paths=["prune → PTQ", "cluster → PTQ"], log=print)
+    assert tree.spared["prune 50%"] == ["conv1"] and "conv1" in tree.spared["cluster 4"]
+    cached = json.loads((tmp_path / "run" / "sensitivity.json").read_text())
+    for setting, spared in tree.spared.items():  # the rule, recomputed from the measurements
+        drops = {r["layer"]: r[setting] for r in cached["table"]}
+        bar = max(0.01, 2 * float(np.median(list(drops.values()))))
+        assert spared == sorted(n for n, d in drops.items() if d > bar)
+    by = {r["path"]: r for r in result.rows}
+    pruned = {t.layer: t.sparsity for t in co.inspect(by["prune → PTQ"]["file"]).tensors}
+    assert pruned["conv1"] < 0.05 and pruned["conv2"] >= 0.45, pruned
+    clustered = {t.layer: t.unique for t in co.inspect(by["cluster → PTQ"]["file"]).tensors}
+    assert clustered["conv1"] > 4 and clustered["conv2"] <= 4, clustered
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert 'Layers spared (layer_policy="auto")' in md and "prune 50%: conv1 spared" in md
+    assert "sensitivity.png" in md
+    # a resumed run reads the measurements back instead of measuring again
+    messages = []
+    co.DeploymentTree(trained, (x[:600], y[:600]), (xt, yt), layer_policy="auto",
+                      targets=co.Targets(max_metric_drop=0.01), **kw).explore(
+        tmp_path / "run", paths=["prune → PTQ"], log=messages.append)
+    assert not any("per-layer sensitivity at" in m for m in messages)
+    assert any("prune 50%: conv1 spared" in m for m in messages)

@@ -81,7 +81,8 @@ _KEYS = {
               "epochs", "batch_size"},
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
              "prune_skip", "cluster_skip", "batchnorm", "seed", "bias_correction", "workers",
-             "dask_scheduler", "metric", "higher_is_better"},
+             "dask_scheduler", "metric", "higher_is_better", "layer_policy",
+             "sensitivity_threshold"},
     "targets": {"max_metric_drop", "max_accuracy_drop", "max_zip_bytes", "max_latency_ms",
                 "max_vela_cycles", "max_arena_bytes", "max_flash_bytes", "max_sram_bytes"},
 }
@@ -175,6 +176,17 @@ def load_config(path: Path) -> dict:
             resolve(tree["metric"], tree.get("higher_is_better"))
         except ValueError as err:
             raise ConfigError(f"{path}: [tree].metric: {err}") from err
+    if tree.get("layer_policy", "all") not in ("all", "auto"):
+        raise ConfigError(f"{path}: [tree].layer_policy must be \"all\" or \"auto\", got "
+                          f"{tree['layer_policy']!r}")
+    threshold = tree.get("sensitivity_threshold", 0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+        raise ConfigError(f"{path}: [tree].sensitivity_threshold must be a non-negative "
+                          f"number (in the metric's units), got {threshold!r}")
+    if tree.get("layer_policy") == "auto" and "sensitivity_threshold" not in tree and \
+            not {"max_metric_drop", "max_accuracy_drop"} & set(config.get("targets", {})):
+        raise ConfigError(f"{path}: [tree].layer_policy = \"auto\" needs a threshold: "
+                          "[targets].max_metric_drop or [tree].sensitivity_threshold")
     for key, value in config.get("targets", {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{path}: [targets].{key} must be a non-negative number, got "
@@ -293,6 +305,8 @@ def run(config_path: Path, force: bool, workers: int | None = None) -> int:
         batchnorm=tree_cfg.get("batchnorm", "keep"), seed=tree_cfg.get("seed", 0),
         bias_correction=tree_cfg.get("bias_correction", True), metric=metric,
         higher_is_better=tree_cfg.get("higher_is_better"),
+        layer_policy=tree_cfg.get("layer_policy", "all"),
+        sensitivity_threshold=tree_cfg.get("sensitivity_threshold"),
         targets=co.Targets(**config.get("targets", {})), **selectors)
     if workers is not None and "dask_scheduler" in tree_cfg:
         raise ConfigError(f"{config_path}: --workers runs local processes, but [tree] names a "

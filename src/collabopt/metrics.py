@@ -56,6 +56,8 @@ def resolve(metric=None, higher_is_better: bool | None = None) -> Metric:
     """``None`` or ``"accuracy"``: top-1; a Keras metric name or object; or a callable."""
     import keras
 
+    if isinstance(metric, Metric):
+        return metric
     if metric is None or metric in ("accuracy", "top1", "top_1"):
         return Metric("accuracy", top1, True if higher_is_better is None else higher_is_better)
     label = metric if isinstance(metric, str) else None  # the user's own word for it

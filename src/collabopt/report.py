@@ -128,6 +128,12 @@ def write_report(result, density_sources: dict | None = None) -> None:
     failed = _failed_lines(result)
     if failed:
         md += ["## Failed leaves", "", *[f"- {line}" for line in failed], ""]
+    spared_title = 'Layers spared (layer_policy="auto")'
+    if result.spared:
+        md += [f"## {spared_title}", "", *[f"- {line}" for line in result.spared], ""]
+        if (out / "sensitivity.png").exists():
+            images["Per-layer sensitivity (each layer alone, no fine-tuning)"] = (
+                out / "sensitivity.png")
     for title, path in images.items():
         md += [f"## {title}", "", f"![{title}]({path.name})", ""]
     md += [f"- {n}" for n in result.notes]
@@ -143,6 +149,9 @@ def write_report(result, density_sources: dict | None = None) -> None:
     if failed:
         body.append("<h2>Failed leaves</h2><ul>" + "".join(
             f"<li>{html.escape(line)}</li>" for line in failed) + "</ul>")
+    if result.spared:
+        body.append(f"<h2>{html.escape(spared_title)}</h2><ul>" + "".join(
+            f"<li>{html.escape(line)}</li>" for line in result.spared) + "</ul>")
     for title, path in images.items():
         data = base64.b64encode(path.read_bytes()).decode()
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "

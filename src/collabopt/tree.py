@@ -221,14 +221,19 @@ def _as_arrays(data, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
-def _calibration_inputs(data, n: int) -> np.ndarray:
-    """``n`` inputs evenly spaced through array data, so data sorted by class still calibrates
-    on every class (tfmot's benchmarks sample the same way); the first ``n`` of a dataset,
+def _sample(data, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` samples evenly spaced through array data, so data sorted by class still covers
+    every class (tfmot's benchmarks sample the same way); the first ``n`` of a dataset,
     which is expected to be shuffled."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], np.ndarray):
-        x = data[0]
-        return x[np.unique(np.linspace(0, len(x) - 1, min(n, len(x))).astype(int))]
-    return _as_arrays(data, limit=n)[0]
+        x, y = data
+        picked = np.unique(np.linspace(0, len(x) - 1, min(n, len(x))).astype(int))
+        return x[picked], np.asarray(y)[picked]
+    return _as_arrays(data, limit=n)
+
+
+def _calibration_inputs(data, n: int) -> np.ndarray:
+    return _sample(data, n)[0]
 
 
 def _fit_args(data) -> dict:
@@ -252,6 +257,7 @@ class ExploreResult:
     metric: str = "accuracy"  # the name of what *_metric columns hold
     higher_is_better: bool = True
     plan: list[dict] = field(default_factory=list)  # every planned leaf: path, level, parent
+    spared: list[str] = field(default_factory=list)  # layer_policy="auto": what and why
 
     def table(self) -> list[dict]:
         """One row per leaf, the columns of the reference guide's table."""
@@ -277,6 +283,23 @@ def _atomic_save(model, path: Path) -> None:
 
 class ConfigMismatch(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Sparing:
+    """A layer selector less some layers by name: what ``layer_policy="auto"`` hands to
+    ``co.prune`` / ``co.cluster`` (picklable, with a stable repr for the fingerprint)."""
+
+    selector: object
+    spared: tuple[str, ...]
+
+    def __call__(self, layer) -> bool:
+        from collabopt.core.rewrite import layer_matcher
+
+        if layer.name in self.spared:
+            return False
+        match, _ = layer_matcher(self.selector)
+        return match is None or bool(match(layer))
 
 
 class DeploymentTree:
@@ -313,6 +336,18 @@ class DeploymentTree:
     where it is known (accuracy, auc: higher; mse, loss, error: lower). Rows hold it as
     ``fp32_metric`` / ``keras_metric`` / ``int8_metric``, ``Targets(max_metric_drop=)``
     limits it, and the report names it.
+
+    ``sparsity`` and ``clusters`` take one value or a list: one prune node per sparsity and
+    one cluster node per count, shared by every leaf below them, and the Pareto plots span
+    them all; ``explore(stop_when_met=True)`` then goes level by level and, in a level, from
+    the mildest settings (lowest sparsity, most clusters) on, and stops after the first
+    group in which a leaf meets every target.
+
+    ``layer_policy="auto"`` measures each layer alone at the tree's settings first
+    (``co.sensitivity`` on training samples) and leaves the critical ones out of pruning /
+    clustering at that setting: a layer whose drop exceeds both ``sensitivity_threshold``
+    (default: the targets' ``max_metric_drop``) and twice the median layer's. The guide's
+    "skip the critical layers", measured instead of guessed; the report lists them and why.
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
@@ -324,7 +359,8 @@ class DeploymentTree:
                  qat_compile: Callable | dict | None = None, prune_layers=None,
                  cluster_layers=None, batchnorm: str = "keep", seed: int | None = 0,
                  bias_correction: bool = True, metric=None,
-                 higher_is_better: bool | None = None):
+                 higher_is_better: bool | None = None, layer_policy: str = "all",
+                 sensitivity_threshold: float | None = None):
         from collabopt.core.rewrite import ensure_built
         from collabopt.metrics import resolve
         from collabopt.quantization import BATCHNORM
@@ -339,6 +375,18 @@ class DeploymentTree:
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self.batchnorm, self.seed = batchnorm, seed
         self.metric = resolve(metric, higher_is_better)
+        if layer_policy not in ("all", "auto"):
+            raise ValueError(f"layer_policy must be 'all' or 'auto', got {layer_policy!r}")
+        self.targets = targets or Targets()
+        if layer_policy == "auto":
+            sensitivity_threshold = (self.targets.max_metric_drop
+                                     if sensitivity_threshold is None else sensitivity_threshold)
+            if sensitivity_threshold is None:
+                raise ValueError("layer_policy='auto' spares the layers whose metric drop "
+                                 "alone is material: give Targets(max_metric_drop=...) or "
+                                 "sensitivity_threshold=... (in the metric's units)")
+        self.layer_policy, self.sensitivity_threshold = layer_policy, sensitivity_threshold
+        self.spared: dict[str, list[str]] = {}  # "prune 50%" / "cluster 16" -> layer names
         self.bias_correction = bool(bias_correction)
         self.model = model
         self.train, self.val = train, val
@@ -349,7 +397,6 @@ class DeploymentTree:
         self.prune_layers, self.cluster_layers = prune_layers, cluster_layers
         self.fit = dict(fit or {"epochs": 1})
         self.sparsity, self.clusters, self.per_channel = sparsity, clusters, per_channel
-        self.targets = targets or Targets()
         self.calibration_samples = calibration_samples
         self.latency_runs = latency_runs
         self.vela_accelerator = vela_accelerator
@@ -373,7 +420,9 @@ class DeploymentTree:
                 "batchnorm": self.batchnorm, "seed": self.seed,
                 "bias_correction": self.bias_correction,
                 "metric": f"{self.metric.name} ("
-                          f"{'higher' if self.metric.higher_is_better else 'lower'} is better)"}
+                          f"{'higher' if self.metric.higher_is_better else 'lower'} is better)",
+                "layer_policy": self.layer_policy,
+                "sensitivity_threshold": self.sensitivity_threshold}
 
     def _compile(self, model, how):
         import keras
@@ -415,11 +464,13 @@ class DeploymentTree:
         folded = None  # the uncompressed, batch-norm-folded parent of a cluster node
         if node.op == "prune":  # before BN folding: batch norm helps the model recover
             model = co.prune(parent_model, self._prune_schedule(node.sparsity),
-                             layers=self.prune_layers, verbose=False)
+                             layers=self._layers(self.prune_layers, f"prune {node.sparsity:.0%}"),
+                             verbose=False)
         elif node.op == "cluster":
             # BN folded first, so the converter cannot rescale the shared values per channel
             folded = fold_batchnorm(parent_model)
-            model = co.cluster(folded, node.clusters, layers=self.cluster_layers,
+            model = co.cluster(folded, node.clusters,
+                               layers=self._layers(self.cluster_layers, f"cluster {node.clusters}"),
                                verbose=False)
         elif node.op == "cluster_pc":
             # per channel where the file scales per channel: those codebooks survive the
@@ -430,7 +481,8 @@ class DeploymentTree:
             else:
                 parent = folded = fold_batchnorm(parent_model)
             model = co.cluster(parent, node.clusters, per_channel="auto",
-                               layers=self.cluster_layers, verbose=False)
+                               layers=self._layers(self.cluster_layers, f"cluster {node.clusters}"),
+                               verbose=False)
         elif node.op == "qat":
             model = co.quantize(parent_model, batchnorm=self.batchnorm, verbose=False)
         else:
@@ -441,6 +493,53 @@ class DeploymentTree:
             co.correct_bias(model, folded,
                             _calibration_inputs(self.train, self.calibration_samples))
         return model
+
+    def _layers(self, selector, setting: str):
+        """The user's selector, less the layers ``layer_policy="auto"`` spares at ``setting``."""
+        spared = tuple(self.spared.get(setting, ()))
+        return Sparing(selector, spared) if spared else selector
+
+    def _spare_sensitive_layers(self, out: Path, log) -> list[str]:
+        """``layer_policy="auto"``: measure every layer alone at the tree's settings
+        (``co.sensitivity``, on training samples, no fine-tuning) and spare, per setting,
+        the critical layers: those whose drop exceeds both the threshold and twice the median
+        layer's drop there. Cached in ``out_dir``; returns the report's lines."""
+        from collabopt.sensitivity import sensitivity
+
+        file = out / "sensitivity.json"
+        if file.exists():
+            cached = json.loads(file.read_text())
+        else:
+            sparsities = sorted({n.sparsity for n in self.nodes if n.op == "prune"})
+            counts = sorted({n.clusters for n in self.nodes if n.clusters})
+            log(f"[tree] layer_policy='auto': per-layer sensitivity at "
+                f"{[f'{s:.0%}' for s in sparsities]} sparsity and {counts} clusters ...")
+            sens = sensitivity(self.model, _sample(self.train, 1000), metric=self.metric,
+                               sparsities=sparsities, clusters=counts, int8=False,
+                               verbose=False)
+            sens.plot(out / "sensitivity.png")
+            cached = {"settings": sens.settings, "base": sens.base, "table": sens.table()}
+            _atomic_json(file, cached)
+        lines = []
+        for setting in cached["settings"]:
+            drops: dict[str, float] = {}
+            for row in cached["table"]:  # a layer is as sensitive as its worst weight
+                drops[row["layer"]] = max(drops.get(row["layer"], -np.inf), row[setting])
+            median = float(np.median(list(drops.values())))
+            bar = max(self.sensitivity_threshold, 2 * median)
+            spared = sorted(name for name, drop in drops.items() if drop > bar)
+            self.spared[setting] = spared
+            if spared:
+                lines.append(f"{setting}: {', '.join(spared)} spared (alone, no fine-tune: "
+                             + ", ".join(f"{drops[n]:+.4g}" for n in spared)
+                             + f" {self.metric.name} drop; the bar: {bar:.4g} = max(threshold "
+                             f"{self.sensitivity_threshold:g}, twice the median {median:.4g}))")
+            else:
+                lines.append(f"{setting}: no layer spared (largest drop {max(drops.values()):+.4g}"
+                             f", the bar {bar:.4g})")
+        for line in lines:
+            log(f"[tree] {line}")
+        return lines
 
     def _train_and_store(self, node: Node, parent_model, out: Path, log):
         """Train ``node`` and checkpoint it atomically: a QAT model as it is, others stripped."""
@@ -490,6 +589,8 @@ class DeploymentTree:
             partial.unlink()
         _atomic_json(config_file, fingerprint)
         node_failures: dict[str, str] = {}
+        spared_lines = (self._spare_sensitive_layers(out, log)
+                        if self.layer_policy == "auto" else [])
         if executor is not None:  # before any work: what cannot reach a worker fails now
             parallel.prepare_run(self, out)
 
@@ -676,7 +777,7 @@ class DeploymentTree:
         result = ExploreResult(out, rows, baseline, recommended, self.targets, failed=failed,
                                metric=self.metric.name,
                                higher_is_better=self.metric.higher_is_better,
-                               plan=self._leaf_tree())
+                               plan=self._leaf_tree(), spared=spared_lines)
         if failed:
             log(f"[tree] {len(failed)} leaf/leaves failed ({', '.join(f['path'] for f in failed)})"
                 "; the report says why, and running the same exploration again retries them")
