@@ -35,7 +35,10 @@ _API = {
     "export_c": "firmware",
     "plot_weight_density": "plots",
     "plot_tradeoff": "plots",
-    "sensitivity": "sensitivity",
+    "sensitivity": "layer_sensitivity",
+    "distill": "distillation",
+    "Distill": "distillation",
+    "distillation_loss": "distillation",
     "DeploymentTree": "tree",
     "Targets": "tree",
 }

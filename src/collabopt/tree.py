@@ -348,6 +348,9 @@ class DeploymentTree:
     clustering at that setting: a layer whose drop exceeds both ``sensitivity_threshold``
     (default: the targets' ``max_metric_drop``) and twice the median layer's. The guide's
     "skip the critical layers", measured instead of guessed; the report lists them and why.
+
+    ``distill=True`` (or a ``co.Distill(temperature, weight, kind)``) makes every fine-tune
+    also match the uncompressed base's outputs (``co.distill``).
     """
 
     def __init__(self, model, train, val, compile: Callable | dict | None = None,
@@ -360,7 +363,7 @@ class DeploymentTree:
                  cluster_layers=None, batchnorm: str = "keep", seed: int | None = 0,
                  bias_correction: bool = True, metric=None,
                  higher_is_better: bool | None = None, layer_policy: str = "all",
-                 sensitivity_threshold: float | None = None):
+                 sensitivity_threshold: float | None = None, distill=None):
         from collabopt.core.rewrite import ensure_built
         from collabopt.metrics import resolve
         from collabopt.quantization import BATCHNORM
@@ -386,6 +389,14 @@ class DeploymentTree:
                                  "alone is material: give Targets(max_metric_drop=...) or "
                                  "sensitivity_threshold=... (in the metric's units)")
         self.layer_policy, self.sensitivity_threshold = layer_policy, sensitivity_threshold
+        from collabopt.distillation import Distill
+
+        if distill is True:
+            distill = Distill()
+        if distill not in (None, False) and not isinstance(distill, Distill):
+            raise TypeError("distill must be None/False (off), True (the defaults) or a "
+                            f"co.Distill(temperature=, weight=, kind=), got {distill!r}")
+        self.distill = distill or None
         self.spared: dict[str, list[str]] = {}  # "prune 50%" / "cluster 16" -> layer names
         self.bias_correction = bool(bias_correction)
         self.model = model
@@ -422,7 +433,8 @@ class DeploymentTree:
                 "metric": f"{self.metric.name} ("
                           f"{'higher' if self.metric.higher_is_better else 'lower'} is better)",
                 "layer_policy": self.layer_policy,
-                "sensitivity_threshold": self.sensitivity_threshold}
+                "sensitivity_threshold": self.sensitivity_threshold,
+                "distill": repr(self.distill) if self.distill else "off"}
 
     def _compile(self, model, how):
         import keras
@@ -487,8 +499,12 @@ class DeploymentTree:
             model = co.quantize(parent_model, batchnorm=self.batchnorm, verbose=False)
         else:
             raise AssertionError(node.op)
-        self._compile(model, self.qat_compile if node.op == "qat" else self.compile)
-        model.fit(**_fit_args(self.train), **self.fit)
+        trainer = model
+        if self.distill is not None:  # the uncompressed base teaches every fine-tune
+            d = self.distill
+            trainer = co.distill(model, self.model, d.temperature, d.weight, d.kind)
+        self._compile(trainer, self.qat_compile if node.op == "qat" else self.compile)
+        trainer.fit(**_fit_args(self.train), **self.fit)
         if folded is not None and self.bias_correction:
             co.correct_bias(model, folded,
                             _calibration_inputs(self.train, self.calibration_samples))
@@ -504,7 +520,7 @@ class DeploymentTree:
         (``co.sensitivity``, on training samples, no fine-tuning) and spare, per setting,
         the critical layers: those whose drop exceeds both the threshold and twice the median
         layer's drop there. Cached in ``out_dir``; returns the report's lines."""
-        from collabopt.sensitivity import sensitivity
+        from collabopt.layer_sensitivity import sensitivity
 
         file = out / "sensitivity.json"
         if file.exists():
