@@ -83,6 +83,10 @@ max_accuracy_drop = 0.1
      r"\[tree\].layer_policy must be"),
     ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\n'
      'sensitivity_threshold = -1\n', r"\[tree\].sensitivity_threshold must be a non-negative"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\ndistill = "on"\n',
+     r"\[tree\].distill must be true or false"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\ndistill = true\n'
+     'distill_weight = 2\n', r"\[tree\].distill_\*: weight must be in"),
 ])
 def test_bad_configs(project, body, message):
     with pytest.raises(ConfigError, match=message):
@@ -203,6 +207,8 @@ sparsity = [0.5, 0.75]
 metric = "accuracy"
 stop_when_met = true
 layer_policy = "auto"
+distill = true
+distill_temperature = 2.0
 [targets]
 max_metric_drop = 0.5
 """)
@@ -212,4 +218,5 @@ max_metric_drop = 0.5
     assert "PTQ 75%" not in out  # the milder setting met the targets: never built
     config = json.loads((project / "out" / "config.json").read_text())
     assert config["sparsity"] == [0.5, 0.75] and config["layer_policy"] == "auto"
+    assert config["distill"].startswith("Distill(temperature=2.0, weight=0.5")
     assert "[tree] prune 50%:" in out  # what the sensitivity pass spared, or that it spared none

@@ -203,3 +203,44 @@ def test_layer_policy_auto_spares_the_critical_layers(tmp_path, trained, digits)
         tmp_path / "run", paths=["prune → PTQ"], log=messages.append)
     assert not any("per-layer sensitivity at" in m for m in messages)
     assert any("prune 50%: conv1 spared" in m for m in messages)
+
+
+def test_multi_output_model(tmp_path, digits):
+    """A class head and a value head; the file lists its outputs in another order than
+    Keras (tensor order), and the metric must still see them in the model's order."""
+    (x, y), (xt, yt) = digits
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
+    h = keras.layers.Flatten()(keras.layers.MaxPooling2D()(h))
+    cls = keras.layers.Dense(10, name="zclass")(h)
+    value = keras.layers.Dense(1, name="avalue")(h)
+    model = keras.Model(inp, [cls, value])
+    loss = [keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mse"]
+    model.compile(keras.optimizers.Adam(3e-3), loss)
+    ys, yts = (y, y.astype("float32")), (yt, yt.astype("float32"))
+    model.fit(x, ys, epochs=15, batch_size=32, verbose=0)
+
+    def class_accuracy(y_true, y_pred):  # of the first output, whatever the file's order
+        return float(np.mean(y_pred[0].argmax(1) == y_true[0]))
+
+    tree = co.DeploymentTree(model, (x[:600], tuple(v[:600] for v in ys)), (xt, yts),
+                             compile={"optimizer": keras.optimizers.Adam(3e-4), "loss": loss},
+                             fit=_fit_kw(), metric=class_accuracy, latency_runs=3,
+                             vela_accelerator=None)
+    row = tree.explore(tmp_path / "run", paths=["PTQ"], log=print).rows[0]
+    file_out = predict_tflite(row["file"], xt)
+    assert [o.shape[1] for o in file_out] == [10, 1]  # the model's order
+    assert row["int8_metric"] == pytest.approx(class_accuracy(yts, file_out))
+    assert row["int8_metric"] > 0.8 and 0.9 <= row["agreement"] <= 1.0
+    assert row["output_error"] < 0.1
+    # the default top-1 averages over outputs given one label array per output
+    from collabopt.metrics import resolve
+
+    two_heads = [file_out[0], file_out[0]]
+    assert resolve().score([yt, yt], two_heads) == pytest.approx(np.mean(
+        file_out[0].argmax(1) == yt))
+    with pytest.raises(ValueError, match="one label array per output"):
+        resolve().score(yt, two_heads)
+    with pytest.raises(ValueError, match="2 outputs: top-1 of which"):
+        co.evaluate_tflite(row["file"], xt, yt)

@@ -82,7 +82,7 @@ _KEYS = {
     "tree": {"out_dir", "paths", "sparsity", "clusters", "per_channel", "stop_when_met",
              "prune_skip", "cluster_skip", "batchnorm", "seed", "bias_correction", "workers",
              "dask_scheduler", "metric", "higher_is_better", "layer_policy",
-             "sensitivity_threshold"},
+             "sensitivity_threshold", "distill", "distill_temperature", "distill_weight"},
     "targets": {"max_metric_drop", "max_accuracy_drop", "max_zip_bytes", "max_latency_ms",
                 "max_vela_cycles", "max_arena_bytes", "max_flash_bytes", "max_sram_bytes"},
 }
@@ -187,6 +187,13 @@ def load_config(path: Path) -> dict:
             not {"max_metric_drop", "max_accuracy_drop"} & set(config.get("targets", {})):
         raise ConfigError(f"{path}: [tree].layer_policy = \"auto\" needs a threshold: "
                           "[targets].max_metric_drop or [tree].sensitivity_threshold")
+    if not isinstance(tree.get("distill", False), bool):
+        raise ConfigError(f"{path}: [tree].distill must be true or false, got "
+                          f"{tree['distill']!r}")
+    try:
+        _distill(tree)
+    except ValueError as err:
+        raise ConfigError(f"{path}: [tree].distill_*: {err}") from err
     for key, value in config.get("targets", {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{path}: [targets].{key} must be a non-negative number, got "
@@ -196,6 +203,16 @@ def load_config(path: Path) -> dict:
                           "the same limit: keep one")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
+
+
+def _distill(tree: dict):
+    """The tree's co.Distill from [tree] distill / distill_temperature / distill_weight."""
+    from collabopt.distillation import Distill
+
+    if not tree.get("distill", False):
+        return None
+    return Distill(temperature=tree.get("distill_temperature", 4.0),
+                   weight=tree.get("distill_weight", 0.5))
 
 
 class _executor:
@@ -306,7 +323,7 @@ def run(config_path: Path, force: bool, workers: int | None = None) -> int:
         bias_correction=tree_cfg.get("bias_correction", True), metric=metric,
         higher_is_better=tree_cfg.get("higher_is_better"),
         layer_policy=tree_cfg.get("layer_policy", "all"),
-        sensitivity_threshold=tree_cfg.get("sensitivity_threshold"),
+        sensitivity_threshold=tree_cfg.get("sensitivity_threshold"), distill=_distill(tree_cfg),
         targets=co.Targets(**config.get("targets", {})), **selectors)
     if workers is not None and "dask_scheduler" in tree_cfg:
         raise ConfigError(f"{config_path}: --workers runs local processes, but [tree] names a "

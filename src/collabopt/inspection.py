@@ -500,14 +500,20 @@ def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[Wei
 
 # --- evaluate ------------------------------------------------------------------------------
 def predict_tflite(path: str | os.PathLike, x: np.ndarray, batch_size: int = 64,
-                   num_threads: int | None = None, verbose: bool | None = None) -> np.ndarray:
-    """The ``.tflite`` model's outputs on ``x`` (LiteRT interpreter), dequantized to float.
+                   num_threads: int | None = None, verbose: bool | None = None
+                   ) -> np.ndarray | list[np.ndarray]:
+    """The ``.tflite`` model's outputs on ``x`` (LiteRT interpreter), dequantized to float;
+    for a model with several outputs a list, in the Keras model's order (the file's own
+    tensor order differs: it is taken from the export signature's output names).
 
     Inputs are quantized with the file's own input scale (int8 models take float data);
     batches run when the file allows resizing its batch dimension, else one sample at a time.
     Compare with the Keras model's ``predict`` to see what conversion changed.
     """
-    return np.concatenate(list(_tflite_batches(path, x, batch_size, num_threads, verbose)))
+    batches = list(_tflite_batches(path, x, batch_size, num_threads, verbose))
+    if isinstance(batches[0], list):
+        return [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))]
+    return np.concatenate(batches)
 
 
 def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
@@ -519,6 +525,9 @@ def evaluate_tflite(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
     correct, start = 0, 0
     for out in _tflite_batches(path, x, batch_size, num_threads, verbose):
+        if isinstance(out, list):
+            raise ValueError(f"{path} has {len(out)} outputs: top-1 of which? Score "
+                             "predict_tflite(path, x) with your metric instead")
         n = len(out)
         correct += int(np.sum(np.argmax(out.reshape(n, -1), axis=1) == y[start:start + n]))
         start += n
@@ -532,10 +541,11 @@ def _tflite_batches(path, x, batch_size, num_threads, verbose):
     if tuple(inp["shape"][1:]) != tuple(x.shape[1:]):
         raise ValueError(f"{path} expects inputs of shape {tuple(inp['shape'][1:])}, "
                          f"got samples of shape {x.shape[1:]}")
+    order = _output_order(interpreter)
     batch = _try_batch(interpreter, batch_size)
     inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    scale, zero = out["quantization"]
+    details = {d["index"]: d for d in interpreter.get_output_details()}
+    outs = [details[i] for i in order]
     verbose = len(x) >= 5000 if verbose is None else verbose
     progress = None
     if verbose:
@@ -549,12 +559,30 @@ def _tflite_batches(path, x, batch_size, num_threads, verbose):
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
         interpreter.set_tensor(inp["index"], _quantize_input(chunk, inp))
         interpreter.invoke()
-        values = interpreter.get_tensor(out["index"])[:n]
-        if out["dtype"] in (np.int8, np.uint8, np.int16) and scale:
-            values = (values.astype(np.float32) - zero) * np.float32(scale)
+        values = [_dequantize_output(interpreter.get_tensor(o["index"])[:n], o) for o in outs]
         if progress is not None:
             progress.update(min(start + batch, len(x)))
-        yield values
+        yield values if len(values) > 1 else values[0]
+
+
+def _output_order(interpreter) -> list[int]:
+    """Output tensor indices in the Keras model's order: the export signature names them
+    output_0, output_1, ... (dict keys: sorted, as Keras flattens them)."""
+    details = interpreter.get_output_details()
+    if len(details) < 2:
+        return [d["index"] for d in details]
+    try:
+        named = interpreter.get_signature_runner().get_output_details()
+    except (ValueError, RuntimeError, KeyError):  # no signature: the file's own order
+        return [d["index"] for d in details]
+    return [named[n]["index"] for n in sorted(named, key=lambda n: (len(n), n))]
+
+
+def _dequantize_output(values: np.ndarray, detail) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    if detail["dtype"] in (np.int8, np.uint8, np.int16) and scale:
+        return (values.astype(np.float32) - zero) * np.float32(scale)
+    return values
 
 
 def _quantize_input(x: np.ndarray, detail) -> np.ndarray:

@@ -43,6 +43,20 @@ def top1(y_true, y_pred) -> float:
     return float(np.mean(pred == y_true))
 
 
+def _per_output(score: Callable) -> Callable:
+    """``score`` on each output of a multi-output model (lists of labels and predictions,
+    in the model's output order), averaged; a callable metric instead gets the lists."""
+    def scored(y_true, y_pred):
+        if isinstance(y_pred, (list, tuple)):
+            if not isinstance(y_true, (list, tuple)) or len(y_true) != len(y_pred):
+                raise ValueError(f"the model has {len(y_pred)} outputs: give one label array "
+                                 "per output, in the same order")
+            return float(np.mean([score(t, p) for t, p in zip(y_true, y_pred, strict=True)]))
+        return score(y_true, y_pred)
+
+    return scored
+
+
 def _direction(name: str) -> bool | None:
     key = name.lower()
     if any(word in key for word in _LOWER):
@@ -59,7 +73,8 @@ def resolve(metric=None, higher_is_better: bool | None = None) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if metric is None or metric in ("accuracy", "top1", "top_1"):
-        return Metric("accuracy", top1, True if higher_is_better is None else higher_is_better)
+        return Metric("accuracy", _per_output(top1),
+                      True if higher_is_better is None else higher_is_better)
     label = metric if isinstance(metric, str) else None  # the user's own word for it
     if isinstance(metric, str):
         try:
@@ -73,11 +88,12 @@ def resolve(metric=None, higher_is_better: bool | None = None) -> Metric:
     if isinstance(metric, keras.metrics.Metric):
         obj = metric
 
-        def score(y_true, y_pred):
+        def one(y_true, y_pred):
             obj.reset_state()
             obj.update_state(y_true, y_pred)
             return float(keras.ops.convert_to_numpy(obj.result()))
 
+        score = _per_output(one)
         name = obj.name
     elif callable(metric):
         fn = metric

@@ -204,21 +204,31 @@ def _as_arrays(data, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) numpy arrays from a tuple, a tf.data.Dataset or a keras PyDataset."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], np.ndarray):
         x, y = data
-        return (x, y) if limit is None else (x[:limit], y[:limit])
+        return (x, y) if limit is None else (x[:limit], _take(y, slice(limit)))
     xs, ys, n = [], [], 0
     iterator = data if not hasattr(data, "__getitem__") or hasattr(data, "take") else (
         data[i] for i in range(len(data)))
     for batch in iterator:
         bx, by = batch[0], batch[1]
         xs.append(np.asarray(bx))
-        ys.append(np.asarray(by))
+        ys.append([np.asarray(v) for v in by] if isinstance(by, (tuple, list))
+                  else np.asarray(by))  # one label array per output of a multi-output model
         n += len(xs[-1])
         if limit is not None and n >= limit:
             break
     if not xs:
         raise ValueError("the data set is empty")
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    return (x, y) if limit is None else (x[:limit], y[:limit])
+    x = np.concatenate(xs)
+    y = ([np.concatenate(parts) for parts in zip(*ys, strict=True)]
+         if isinstance(ys[0], list) else np.concatenate(ys))
+    return (x, y) if limit is None else (x[:limit], _take(y, slice(limit)))
+
+
+def _take(y, index):
+    """Labels at ``index``: one array, or one per output of a multi-output model."""
+    if isinstance(y, (tuple, list)):
+        return type(y)(np.asarray(v)[index] for v in y)
+    return np.asarray(y)[index]
 
 
 def _sample(data, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +238,7 @@ def _sample(data, n: int) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], np.ndarray):
         x, y = data
         picked = np.unique(np.linspace(0, len(x) - 1, min(n, len(x))).astype(int))
-        return x[picked], np.asarray(y)[picked]
+        return x[picked], _take(y, picked)
     return _as_arrays(data, limit=n)
 
 
@@ -913,19 +923,27 @@ def _classes(outputs) -> np.ndarray:
     return np.argmax(outputs.reshape(len(outputs), -1), axis=1)
 
 
+def _outputs(out) -> list[np.ndarray]:
+    return [np.asarray(o) for o in out] if isinstance(out, (list, tuple)) else [np.asarray(out)]
+
+
 def _agreement(file_out, keras_out) -> float | None:
-    """Share of samples whose top class is the same in the file and in Keras; None for
-    models with one output value per sample (a regressor, an autoencoder's score)."""
-    if np.asarray(keras_out).reshape(len(keras_out), -1).shape[1] < 2:
+    """Share of samples whose top class is the same in the file and in Keras (averaged over
+    the outputs with more than one value per sample); None where no output has (a
+    regressor: its fidelity is ``output_error``)."""
+    pairs = [(f, k) for f, k in zip(_outputs(file_out), _outputs(keras_out), strict=True)
+             if k.reshape(len(k), -1).shape[1] >= 2]
+    if not pairs:
         return None
-    return float(np.mean(_classes(file_out) == _classes(keras_out)))
+    return float(np.mean([np.mean(_classes(f) == _classes(k)) for f, k in pairs]))
 
 
 def _relative_error(file_out, keras_out) -> float:
     """The file's largest output deviation from Keras, relative to the largest Keras output
     (0.01: within 1 % of the output range; meaningful where classes are not)."""
-    file_out, keras_out = np.asarray(file_out, "float64"), np.asarray(keras_out, "float64")
-    return float(np.abs(file_out - keras_out).max() / max(np.abs(keras_out).max(), 1e-12))
+    return max(float(np.abs(f.astype("float64") - k).max()
+                     / max(np.abs(k.astype("float64")).max(), 1e-12))
+               for f, k in zip(_outputs(file_out), _outputs(keras_out), strict=True))
 
 
 def _slug(name: str) -> str:
