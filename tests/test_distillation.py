@@ -111,11 +111,10 @@ def test_tree_distills_every_technique_and_the_files_keep_their_structure(tmp_pa
     tree = co.DeploymentTree(trained, (x[:600], y[:600]), (xt, yt),
                              distill=co.Distill(temperature=2.0, weight=0.5), **kw)
     assert "Distill(temperature=2.0" in tree.fingerprint()["distill"]
-    rows = {r["path"]: r for r in tree.explore(tmp_path / "run", paths=["PCQAT", "CQAT"]).rows}
-    for r in rows.values():
-        assert r["verified"] == "yes" and r["unique_max"] <= 8, r
-        assert r["int8_accuracy"] > 0.85, r
-    assert rows["PCQAT"]["sparsity"] >= 0.45
+    # PCQAT: its prune, cluster and QAT nodes all fine-tune distilled
+    r = tree.explore(tmp_path / "run", paths=["PCQAT"]).rows[0]
+    assert r["verified"] == "yes" and r["unique_max"] <= 8 and r["sparsity"] >= 0.45, r
+    assert r["int8_accuracy"] > 0.85, r
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def test_autoencoder_tree_with_reconstruction_error_and_auc(tmp_path, digits):
         h = keras.layers.ReLU()(h)
     ae = keras.Model(inp, keras.layers.Dense(64, name="out")(h))
     ae.compile(keras.optimizers.Adam(3e-3), "mse")
-    ae.fit(normal, normal, epochs=30, batch_size=32, verbose=0)
+    ae.fit(normal, normal, epochs=15, batch_size=32, verbose=0)
     anomalous = (yt >= 5).astype(int)
 
     def auc(y_true, y_pred):  # y_true: the inputs to reconstruct
@@ -99,11 +99,9 @@ def test_autoencoder_tree_with_reconstruction_error_and_auc(tmp_path, digits):
             auc(flat_t, predict_tflite(row["file"], flat_t)), abs=1e-9)
         assert row["int8_metric"] > 0.7 and row["agreement"] is not None
     assert "| INT8 auc |" in (tmp_path / "auc" / "report.md").read_text()
-    mae = co.DeploymentTree(ae, (normal, normal), (flat_t, flat_t), metric="mae", **kw)
-    row = mae.explore(tmp_path / "mae", paths=["PTQ"], log=print).rows[0]
-    assert mae.metric.higher_is_better is False
-    assert row["int8_metric"] == pytest.approx(
-        np.mean(np.abs(predict_tflite(row["file"], flat_t) - flat_t)), rel=1e-4)
+    mae = co.DeploymentTree(ae, (normal, normal), (flat_t, flat_t), metric="mae", **kw).metric
+    assert mae.higher_is_better is False and mae.score(flat_t, flat_t + 0.5) == pytest.approx(
+        0.5)
 
 
 def test_targets_metric_drop_in_both_directions():
