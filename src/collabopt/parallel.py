@@ -50,7 +50,9 @@ def prepare_run(tree, out: Path) -> None:
         pickler = pickle
     tasks = out / TASKS
     tasks.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in vars(tree).items() if k not in ("model", "train", "val")}
+    # the metric scores leaves, which the explorer builds itself: workers only train
+    state = {k: v for k, v in vars(tree).items()
+             if k not in ("model", "train", "val", "metric")}
     state["custom_objects"] = _custom_objects(tree.model)
     try:
         config = pickler.dumps(state)
