@@ -98,3 +98,32 @@ def test_a_variable_length_rnn_gets_a_clear_error(tmp_path):
     model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.LSTM(4, name="lstm")(inp)))
     with pytest.raises(ExportError, match=r"fixed sequence length.*keras.Input"):
         co.export_tflite(model, tmp_path / "v.tflite", quantization="float")
+
+
+def test_gru_reset_before_matmul_qat_exports_without_calibration(tmp_path, sequences):
+    """GRU(reset_after=False), the original GRU (also inside Bidirectional): the reset gate
+    scales the state before its matmul; QAT gives that product and its matmul ranges of
+    their own, so a PCQAT file is fully int8 with no calibration data, zeros and codebook
+    verified in the recurrent kernel's two FULLY_CONNECTED pieces."""
+    train, (xt, _) = sequences
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8))
+    h = keras.layers.GRU(12, reset_after=False, return_sequences=True, name="gru")(inp)
+    h = keras.layers.Bidirectional(keras.layers.GRU(6, reset_after=False), name="bigru")(h)
+    model = keras.Model(inp, keras.layers.Dense(10, name="head")(h))
+    model.compile(keras.optimizers.Adam(3e-3), _loss())
+    model.fit(*train, epochs=8, batch_size=64, verbose=0)
+    pruned = co.strip(_fine_tune(co.prune(model, co.ConstantSparsity(0.5), verbose=False),
+                                 train, epochs=1))
+    pruned_clustered = co.strip(_fine_tune(co.cluster(pruned, 8, verbose=False), train,
+                                           epochs=1))
+    qat = _fine_tune(co.quantize(pruned_clustered, verbose=False), train, epochs=1)  # PCQAT
+    path = co.export_tflite(qat, tmp_path / "pcqat.tflite")  # no calibration data
+    assert co.inspect(path).fully_integer, co.inspect(path).non_integer_ops
+    checks = {(c.layer, c.weight): c for c in co.verify(path, qat)}  # both GRUs, both ways
+    for layer in ("gru", "bigru"):
+        recurrent = next(c for (name, w), c in checks.items()
+                         if name == layer and w.endswith("recurrent_kernel"))
+        assert recurrent.file_sparsity >= 0.45 and recurrent.file_unique <= 8, recurrent
+    same = np.mean(co.predict_tflite(path, xt).argmax(1) == qat.predict(xt, verbose=0).argmax(1))
+    assert same >= 0.97, same

@@ -463,9 +463,13 @@ def verify(path: str | os.PathLike, model, expect_int8: bool = True) -> list[Wei
                                 st.unique_per_channel_max, 0)
             # a gated recurrent kernel may be in the file whole, or one tensor per gate
             options = [[w]]
-            gates = _gates(registry.locate(layer, spec.name)[0])
+            owner = registry.locate(layer, spec.name)[0]
+            gates = _gates(owner)
             if gates > 1 and w.shape[-1] % gates == 0:
                 options.append(np.split(w, gates, axis=-1))
+                if gates == 3 and not getattr(owner, "reset_after", True):
+                    # QAT's GRU(reset_after=False): update/reset columns | candidate columns
+                    options.append(np.split(w, [2 * w.shape[-1] // 3], axis=-1))
             found = None
             for parts in options:
                 taken = set(used)

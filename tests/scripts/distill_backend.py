@@ -27,7 +27,7 @@ def agreement(model):
 
 
 result = {"backend": keras.backend.backend()}
-for weight in (0.05, 1.0):
+for weight in (1.0,):  # the control (weight 0.05) runs under TensorFlow
     keras.utils.set_random_seed(1)
     student = co.prune(models.mnist_cnn((8, 8, 1)), 0.5, verbose=False)
     trainer = co.distill(student, teacher, temperature=2.0, weight=weight)

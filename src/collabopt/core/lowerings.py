@@ -136,6 +136,8 @@ def _lstm_step(cell, x, h, c, q, r, out):
 
 def _gru_step(cell, x, h, _, q, r, out):
     """One step of ``GRUCell`` (``reset_after=True``, the Keras default), fused as the LSTM's."""
+    if not cell.reset_after:
+        return _gru_v1_step(cell, x, h, q, r, out)
     mx = ops.matmul(x, cell.kernel)
     if cell.use_bias:
         mx = mx + cell.bias[0]
@@ -153,7 +155,34 @@ def _gru_step(cell, x, h, _, q, r, out):
     return q(out, keep if h is None else q(r + 6, z * h) + q(r + 8, keep)), None
 
 
+def _gru_v1_step(cell, x, h, q, r, out):
+    """One step of ``GRUCell(reset_after=False)``: the reset gate scales the state *before*
+    its matmul, so the recurrent kernel runs as two FULLY_CONNECTED, its update/reset
+    columns on h and its candidate columns on r * h (range ``r + 11``, the 12th)."""
+    units = cell.units
+    mx = ops.matmul(x, cell.kernel)
+    if cell.use_bias:
+        mx = mx + cell.bias
+    xz, xr, xh = _split(q, r, q(r, mx), 3)
+    rec = cell.recurrent_activation
+    if h is None:  # the first step: zero state, no recurrent terms
+        z = _gate_out(q, r + 9, rec, xz)
+        return q(out, q(r + 7, 1.0 - z) * _gate_out(q, r + 10, cell.activation, xh)), None
+    hz, hr = _split(q, r + 1, q(r + 1, ops.matmul(h, cell.recurrent_kernel[:, :2 * units])), 2)
+    z = _gate_out(q, r + 9, rec, q(r + 2, xz + hz))
+    gate = _gate_out(q, r + 9, rec, q(r + 3, xr + hr))
+    candidate = q(r + 11, ops.matmul(q(r + 4, gate * h), cell.recurrent_kernel[:, 2 * units:]))
+    hh = _gate_out(q, r + 10, cell.activation, q(r + 5, xh + candidate))
+    return q(out, q(r + 6, z * h) + q(r + 8, q(r + 7, 1.0 - z) * hh)), None
+
+
 _RNN_RANGES = 11  # inner ranges of one recurrent layer (the GRU needs them all)
+
+
+def _ranges(rnn) -> int:
+    """Inner ranges of one recurrent layer: 11, or 12 for a GRU with ``reset_after=False``
+    (kept apart, so saved QAT models of the others keep their layout)."""
+    return _RNN_RANGES + (not getattr(rnn.cell, "reset_after", True))
 
 
 def _recurrent(layer, x, q, r, out):
@@ -186,9 +215,9 @@ def _bidirectional(layer, x, q, training=None, **options):
     # scale, which the converter would otherwise push into both recurrences (measured: 12 %
     # of the output range off); a sum, mean or product gets its own range after the merge
     concat = layer.merge_mode == "concat"
-    y = _recurrent(layer.forward_layer, x, q, 0, OUTPUT if concat else _RNN_RANGES)
-    y_rev = _recurrent(layer.backward_layer, x, q, _RNN_RANGES + 1,
-                       OUTPUT if concat else 2 * _RNN_RANGES + 1)
+    n = _ranges(layer.forward_layer)
+    y = _recurrent(layer.forward_layer, x, q, 0, OUTPUT if concat else n)
+    y_rev = _recurrent(layer.backward_layer, x, q, n + 1, OUTPUT if concat else 2 * n + 1)
     if layer.return_sequences:
         y_rev = ops.flip(y_rev, axis=1)
     merge = {"concat": lambda a, b: ops.concatenate([a, b], axis=-1), "sum": ops.add,
@@ -197,11 +226,10 @@ def _bidirectional(layer, x, q, training=None, **options):
 
 
 def _unrollable(rnn) -> bool:
-    """An LSTM / GRU (not a subclass) whose call the unrolled form reproduces (a GRU with
-    ``reset_after=False`` multiplies part of its recurrent kernel: not written yet)."""
+    """An LSTM / GRU (not a subclass) whose call the unrolled form reproduces."""
     return (type(rnn) in (keras.layers.LSTM, keras.layers.GRU) and not rnn.stateful
             and not rnn.return_state and rnn.cell.dropout == 0
-            and rnn.cell.recurrent_dropout == 0 and getattr(rnn.cell, "reset_after", True))
+            and rnn.cell.recurrent_dropout == 0)
 
 
 def get(layer) -> Lowering | None:
@@ -217,11 +245,11 @@ def get(layer) -> Lowering | None:
             and getattr(layer, "_query_dense", None) is not None):
         return Lowering(6, _attention)
     if _unrollable(layer):
-        return Lowering(_RNN_RANGES, _rnn, owns_output=True)
+        return Lowering(_ranges(layer), _rnn, owns_output=True)
     if (isinstance(layer, L.Bidirectional) and layer.merge_mode in ("concat", "sum", "ave",
                                                                     "mul")
             and _unrollable(layer.forward_layer) and _unrollable(layer.backward_layer)):
-        return Lowering(2 * _RNN_RANGES + 2, _bidirectional,
+        return Lowering(2 * _ranges(layer.forward_layer) + 2, _bidirectional,
                         owns_output=layer.merge_mode == "concat")
     return None
 
