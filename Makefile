@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q -p no:cacheprovider --timeout=900 tests
+	$(BIN)/pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" tests
