@@ -225,7 +225,10 @@ def _as_arrays(data, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _take(y, index):
-    """Labels at ``index``: one array, or one per output of a multi-output model."""
+    """Labels at ``index``: one array, one per output of a multi-output model, or None
+    (inputs alone, as calibration needs)."""
+    if y is None:
+        return None
     if isinstance(y, (tuple, list)):
         return type(y)(np.asarray(v)[index] for v in y)
     return np.asarray(y)[index]
