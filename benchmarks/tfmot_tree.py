@@ -73,6 +73,26 @@ def mobilenet_v1(shape, classes, alpha=0.25):
     return keras.Model(inp, L.Dense(classes, name="logits")(x))
 
 
+def resnet8(shape, classes):
+    """collabopt.models.resnet8 layer for layer (same names: weights load by name)."""
+    reg = keras.regularizers.L2(1e-4)
+    inp = keras.Input(shape)
+    x = L.Conv2D(16, 3, padding="same", kernel_regularizer=reg, name="conv0")(inp)
+    x = L.ReLU()(L.BatchNormalization(momentum=0.9, name="conv0_bn")(x))
+    for stack, (filters, stride) in enumerate([(16, 1), (32, 2), (64, 2)], start=1):
+        y = L.Conv2D(filters, 3, strides=stride, padding="same", kernel_regularizer=reg,
+                     name=f"s{stack}_conv1")(x)
+        y = L.ReLU()(L.BatchNormalization(momentum=0.9, name=f"s{stack}_bn1")(y))
+        y = L.Conv2D(filters, 3, padding="same", kernel_regularizer=reg,
+                     name=f"s{stack}_conv2")(y)
+        y = L.BatchNormalization(momentum=0.9, name=f"s{stack}_bn2")(y)
+        if stride != 1:
+            x = L.Conv2D(filters, 1, strides=stride, padding="same", kernel_regularizer=reg,
+                         name=f"s{stack}_shortcut")(x)
+        x = L.ReLU()(L.Add(name=f"s{stack}_add")([x, y]))
+    x = L.Flatten(name="flatten")(L.AveragePooling2D(pool_size=x.shape[1:3], name="pool")(x))
+    return keras.Model(inp, L.Dense(classes, name="logits")(x))
+
 
 def slug(leaf: str) -> str:
     return leaf.replace(" → ", "-").replace("(pc)", "_pc").replace(" ", "_")
@@ -171,14 +191,23 @@ def main():
     data = np.load(work / "data.npz")
     x, y = data["x_train"], data["y_train"]
     shape, classes = x.shape[1:], int(data["classes"])
-    base_weights = [data[f"w{i}"] for i in range(int(data["n_weights"]))]
+    # by layer name where the run saved names (layer order differs between Keras versions)
+    named = "layer_names" in data
+    base_weights = ({name: [data[f"{name}__{j}"] for j in range(int(data[f"{name}__n"]))]
+                     for name in data["layer_names"]} if named else
+                    [data[f"w{i}"] for i in range(int(data["n_weights"]))])
     out = work / args.out
     out.mkdir(exist_ok=True)
 
     def base():
-        model = {"mnist_cnn": mnist_cnn, "ds_cnn_l": ds_cnn_l,
-                 "mobilenet_v1": mobilenet_v1}[arch](shape, classes)
-        model.set_weights(base_weights)
+        model = {"mnist_cnn": mnist_cnn, "ds_cnn_l": ds_cnn_l, "mobilenet_v1": mobilenet_v1,
+                 "resnet8": resnet8}[arch](shape, classes)
+        if named:
+            for layer in model.layers:
+                if layer.weights:
+                    layer.set_weights(base_weights[layer.name])
+        else:
+            model.set_weights(base_weights)
         return model
 
     def fit(model, rate=None):
