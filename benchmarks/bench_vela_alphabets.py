@@ -15,7 +15,8 @@ systems — plus a control: our tensors with each channel's palette replaced by 
 16 values (the same indices), which is what the target assumed tfmot's files look like.
 Trains nothing; run bench_vs_tfmot.py for the named runs first.
 
-    python benchmarks/bench_vela_alphabets.py vs_tfmot_kws_50_16_bn_keep vs_tfmot_mnist_bn_keep
+    python benchmarks/bench_vela_alphabets.py vs_tfmot_kws_50_16_bn_keep_bc \
+        vs_tfmot_mnist_bn_keep_bc
 """
 
 from __future__ import annotations
