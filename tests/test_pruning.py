@@ -223,3 +223,29 @@ def test_all_except_skips_by_name_or_class():
     pruned = co.prune(model, 0.5, layers=AllExcept(("DepthwiseConv2D", "dense")), verbose=False)
     assert pruned.collabopt_summary.wrapped == ["conv", "pw"]
     assert AllExcept(("DepthwiseConv2D", "dens", "Conv")).unknown(model) == ["dens", "Conv"]
+
+
+def test_keep_zeros_holds_a_pruned_layer_that_clustering_leaves_alone(trained, digits):
+    """prune -> cluster(layers=[conv2]): conv1 is not clustered, so nothing held its zeros
+    through the cluster fine-tune; keep_zeros does, at the same positions."""
+    (x, y), _ = digits
+    pruned = co.prune(trained, sparsity=co.ConstantSparsity(0.6), verbose=False)
+    compile_model(pruned).fit(x[:256], y[:256], epochs=1, batch_size=64, verbose=0)
+    pruned = co.strip(pruned)
+    zeros = pruned.get_layer("conv1").kernel.numpy() == 0
+    assert zeros.mean() == pytest.approx(0.6, abs=0.01)
+
+    def cluster_then_fit(keep):
+        model = co.cluster(pruned, 8, layers=["conv2"], verbose=False)
+        if keep:
+            model = co.pruning.keep_zeros(model, layers=lambda layer: not isinstance(
+                layer, OptimizedLayer))
+        compile_model(model, lr=3e-3).fit(x[:512], y[:512], epochs=1, batch_size=64,
+                                          verbose=0)
+        return co.strip(model).get_layer("conv1").kernel.numpy()
+
+    assert (cluster_then_fit(keep=False)[zeros] != 0).mean() > 0.5  # the zeros refill
+    kept = cluster_then_fit(keep=True)
+    np.testing.assert_array_equal(kept == 0, zeros)
+    model = co.pruning.keep_zeros(trained, verbose=False)  # nothing sparse: the model itself
+    assert model is trained

@@ -45,7 +45,7 @@ from collabopt.core.rewrite import (
 )
 from collabopt.core.transform import Transform
 from collabopt.core.wrapper import OptimizedLayer, QuantizedOp
-from collabopt.pruning import PruneMask
+from collabopt.pruning import PruneMask, fixed_mask
 
 PRESERVE = (None, "none", "sparsity", "clusters", "all")
 BATCHNORM = ("fold", "keep")
@@ -177,9 +177,7 @@ def quantize(
                                             per_channel=per_channel,
                                             preserve_sparsity=keep_zeros, **axes))
             elif keep_zeros:
-                chain.append(PruneMask({"kind": "ConstantSparsity", "target": st.sparsity,
-                                        "begin_step": 0, "end_step": 0, "frequency": 1},
-                                       **axes))
+                chain.append(fixed_mask(st.sparsity, **axes))
             chain.append(WeightFakeQuant(
                 per_channel=_int8_per_channel(s, st, preserve, layer), **axes))
             chains[s.name] = chain

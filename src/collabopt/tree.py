@@ -512,6 +512,11 @@ class DeploymentTree:
             model = co.quantize(parent_model, batchnorm=self.batchnorm, verbose=False)
         else:
             raise AssertionError(node.op)
+        if node.op in ("cluster", "cluster_pc"):  # pruned layers left unclustered stay pruned
+            from collabopt.core.wrapper import OptimizedLayer
+            from collabopt.pruning import keep_zeros
+
+            model = keep_zeros(model, layers=lambda layer: not isinstance(layer, OptimizedLayer))
         trainer = model
         if self.distill is not None:  # the uncompressed base teaches every fine-tune
             d = self.distill
@@ -580,6 +585,16 @@ class DeploymentTree:
         return stored
 
     # -- exploring --
+    def search(self, out_dir: str | os.PathLike, config=None, force: bool = False,
+               log: Callable[[str], None] = print):
+        """Search one path's settings, per layer included, for the best trade-offs of the
+        metric against zipped bytes (``co.Search``: Optuna, trials resumable in ``out_dir``).
+        The tree's own ``sparsity`` / ``clusters`` do not apply there: the search's ranges
+        do; everything else (training, targets, distillation, verification) is the tree's."""
+        from collabopt.search import search
+
+        return search(self, out_dir, config, force=force, log=log)
+
     def explore(self, out_dir: str | os.PathLike, paths: str | Sequence[str] = "all",
                 stop_when_met: bool = False, force: bool = False,
                 log: Callable[[str], None] = print, executor=None) -> ExploreResult:
