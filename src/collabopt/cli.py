@@ -85,6 +85,7 @@ _KEYS = {
              "sensitivity_threshold", "distill", "distill_temperature", "distill_weight"},
     "targets": {"max_metric_drop", "max_accuracy_drop", "max_zip_bytes", "max_latency_ms",
                 "max_vela_cycles", "max_arena_bytes", "max_flash_bytes", "max_sram_bytes"},
+    "search": {"leaf", "trials", "sparsity", "clusters", "per_layer", "sampler", "seed"},
 }
 
 
@@ -201,8 +202,23 @@ def load_config(path: Path) -> dict:
     if {"max_metric_drop", "max_accuracy_drop"} <= set(config.get("targets", {})):
         raise ConfigError(f"{path}: [targets] sets max_metric_drop and max_accuracy_drop, "
                           "the same limit: keep one")
+    if "search" in config:
+        try:
+            config["search"] = _search(config["search"])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: [search]: {err}") from err
+        if config["search"].leaf.endswith("(pc)") and not tree.get("per_channel"):
+            raise ConfigError(f"{path}: [search].leaf {config['search'].leaf!r} is a "
+                              "per-channel leaf but [tree].per_channel is not true")
     tree["out_dir"] = (path.parent / tree.get("out_dir", "runs/" + path.stem)).resolve()
     return config
+
+
+def _search(section: dict):
+    """The run's co.Search from [search] (ranges are [low, high] lists in TOML)."""
+    from collabopt.search import Search
+
+    return Search(**section)
 
 
 def _distill(tree: dict):
@@ -328,6 +344,15 @@ def run(config_path: Path, force: bool, workers: int | None = None) -> int:
     if workers is not None and "dask_scheduler" in tree_cfg:
         raise ConfigError(f"{config_path}: --workers runs local processes, but [tree] names a "
                           "dask_scheduler: drop one")
+    if "search" in config:  # [search]: Optuna trials of one path instead of the whole tree
+        found = tree.search(tree_cfg["out_dir"], config["search"], force=force)
+        print()
+        print(found)
+        best = found.recommended
+        print(f"\nrecommended trial: {best['number'] if best else 'none meets the targets'}"
+              + (f" ({best['file']})" if best else ""))
+        print(f"trade-off plot: {found.plot}")
+        return 0
     with _executor(workers or tree_cfg.get("workers"), tree_cfg.get("dask_scheduler")) as ex:
         result = tree.explore(tree_cfg["out_dir"], paths=tree_cfg.get("paths", "all"),
                               stop_when_met=tree_cfg.get("stop_when_met", False), force=force,
