@@ -87,6 +87,14 @@ max_accuracy_drop = 0.1
      r"\[tree\].distill must be true or false"),
     ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[tree]\ndistill = true\n'
      'distill_weight = 2\n', r"\[tree\].distill_\*: weight must be in"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[search]\nleaf = "QAT"\n',
+     r"\[search\]: leaf must be a path that prunes or clusters"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[search]\nsparsity = 0.5\n',
+     r"\[search\]: sparsity must be a \(low, high\) pair"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[search]\ntrails = 5\n',
+     r"\[search\].trails is not a known key"),
+    ('[model]\npath = "model.keras"\n[data]\nnpz = "data.npz"\n[search]\nleaf = "PCQAT(pc)"\n',
+     r"per-channel leaf but \[tree\].per_channel is not true"),
 ])
 def test_bad_configs(project, body, message):
     with pytest.raises(ConfigError, match=message):
@@ -220,3 +228,34 @@ max_metric_drop = 0.5
     assert config["sparsity"] == [0.5, 0.75] and config["layer_policy"] == "auto"
     assert config["distill"].startswith("Distill(temperature=2.0, weight=0.5")
     assert "[tree] prune 50%:" in out  # what the sensitivity pass spared, or that it spared none
+
+
+def test_search_from_the_config(project, capsys):
+    pytest.importorskip("optuna")
+    cfg = _write(project / "s.toml", """
+[model]
+path = "model.keras"
+[data]
+npz = "data.npz"
+[train]
+from_logits = true
+epochs = 1
+[tree]
+out_dir = "out"
+[search]
+leaf = "prune → PTQ"
+trials = 1
+sparsity = [0.5, 0.7]
+per_layer = false
+sampler = "random"
+[targets]
+max_metric_drop = 0.5
+""")
+    assert main(["run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "[search] trial 0 (1/1): sparsity" in out and "recommended trial: 0" in out
+    saved = json.loads((project / "out" / "trials.json").read_text())
+    sparsity = saved["trials"][0]["settings"]["sparsity"]
+    assert 0.5 <= sparsity <= 0.7
+    file = saved["trials"][0]["file"]
+    assert co.inspect(file).sparsity == pytest.approx(sparsity, abs=0.06)
