@@ -175,6 +175,26 @@ def test_cluster_layers_selects_what_the_cluster_nodes_cluster(trained, digits):
     assert _tree(trained, digits).fingerprint()["cluster_layers"] == "all"
 
 
+def test_a_pruned_layer_left_unclustered_keeps_its_zeros_to_the_file(tmp_path, trained, digits,
+                                                                      monkeypatch):
+    """PCQAT with conv1 pruned but not clustered: its zeros reach the file, and the tree's
+    lineage check fails a leaf whose fine-tunes refilled them (as they did before keep_zeros)."""
+    tree = _tree(trained, digits, cluster_layers=["conv2"], vela_accelerator=None,
+                 latency_runs=1)
+    row = tree.explore(tmp_path / "kept", paths=["PCQAT"]).rows[0]
+    assert row["verified"] == "yes"
+    pruned = keras.models.load_model(tmp_path / "kept" / "nodes" / "prune.keras")
+    zeros = pruned.get_layer("conv1").kernel.numpy() == 0
+    conv1 = next(t for t in co.inspect(row["file"]).tensors if t.layer == "conv1")
+    # the file holds the kernel as (out, h, w, in): the prune node's zeros, each one of them
+    assert np.all(conv1.values[np.transpose(zeros, (3, 0, 1, 2))] == conv1.zero)
+
+    monkeypatch.setattr(co.pruning, "keep_zeros", lambda model, **kw: model)
+    row = tree.explore(tmp_path / "refilled", paths=["PCQAT"]).rows[0]
+    assert row["verified"].startswith("no: conv1.kernel: ") and "refilled" in row["verified"]
+    assert not row["meets_targets"]
+
+
 def test_steps_per_epoch_of_every_data_kind():
     import tensorflow as tf
 

@@ -67,8 +67,9 @@ class Targets:
 
     def failures(self, row: dict, base_value: float, higher_is_better: bool = True
                  ) -> list[str]:
-        """The targets ``row`` misses: "metric", "size", "latency", "vela cycles", ..."""
-        out = []
+        """The targets ``row`` misses: "metric", "size", "latency", "vela cycles", ...; a leaf
+        whose structure the file lost ("verified: no") meets none: it is not what it claims."""
+        out = [] if row.get("verified", "yes") == "yes" else ["structure"]
         if self.max_metric_drop is not None:
             drop = (base_value - row["int8_metric"] if higher_is_better
                     else row["int8_metric"] - base_value)
@@ -708,6 +709,14 @@ class DeploymentTree:
             except co.VerificationError as err:
                 lines = str(err).splitlines()  # the first failed check, else the message
                 verified = "no: " + (lines[1] if len(lines) > 1 else lines[0]).strip()
+            pruned_by = _prune_ancestor(self.nodes, leaf.node)
+            if verified == "yes" and pruned_by not in (None, leaf.node):
+                # verify holds the exported model's zeros in the file; this, the prune
+                # node's zeros in the exported model (what a later fine-tune could refill)
+                lost = _zeros_lost(node_model(pruned_by), model)
+                if lost:
+                    verified = (f"no: {lost[0]} of node {pruned_by}'s zeros were refilled "
+                                "before export")
             row = {
                 "path": leaf.name, "level": level, "node": leaf.node,
                 "target_sparsity": leaf.sparsity, "target_clusters": leaf.clusters,
@@ -934,6 +943,38 @@ def _steps_per_epoch(data, batch_size: int) -> int:
 def _float_parent(nodes: list[Node], name: str) -> str:
     node = next(n for n in nodes if n.name == name)
     return node.parent if node.op == "qat" else name
+
+
+def _prune_ancestor(nodes: list[Node], name: str) -> str | None:
+    """The prune node on the path to node ``name`` (itself included), if any."""
+    by_name = {n.name: n for n in nodes}
+    while name is not None:
+        if by_name[name].op == "prune":
+            return name
+        name = by_name[name].parent
+    return None
+
+
+def _zeros_lost(pruned, model) -> list[str]:
+    """Per layer of ``pruned``: how many of its zeros ``model`` no longer holds."""
+    from collabopt.core import registry
+    from collabopt.core.rewrite import is_wrapped, iter_layers, strip
+
+    plain = strip(model) if is_wrapped(model) else model
+    ours = {layer.name: layer for layer in iter_layers(plain)}
+    lost = []
+    for layer in iter_layers(pruned):
+        if layer.name not in ours:
+            continue
+        for spec in registry.weight_specs(layer) or ():
+            before = registry.find_variable(layer, spec.name).numpy() == 0
+            try:
+                after = registry.find_variable(ours[layer.name], spec.name).numpy()
+            except (KeyError, ValueError):
+                continue
+            if after.shape == before.shape and (n := int(np.count_nonzero(before & (after != 0)))):
+                lost.append(f"{layer.name}.{spec.name}: {n:,} of {int(before.sum()):,}")
+    return lost
 
 
 def _classes(outputs) -> np.ndarray:
