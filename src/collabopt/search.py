@@ -30,7 +30,8 @@ _SEARCHABLE = ("prune → PTQ", "cluster → PTQ", "PQAT", "prune → cluster �
 class Search:
     """What to search: the leaf (one path of the tree), how many trials, the ranges.
 
-    ``sparsity`` is a (low, high) range searched in steps of 0.05; ``clusters`` an integer
+    ``sparsity`` is a (low, high) range searched in steps of 0.05 (0.025 where that ends on
+    ``high``); ``clusters`` an integer
     (low, high) range searched on a log scale; ``per_layer`` adds one yes/no choice per layer
     and technique (compress it, or leave it as it is). ``sampler``: "nsga2" (Optuna's
     multi-objective genetic search), "tpe" or "random"; ``seed`` makes its proposals repeat.
@@ -139,13 +140,22 @@ def candidate_layers(tree, technique: str) -> list[str]:
             if registry.weight_specs(layer) and selector(layer)]
 
 
+def _step(lo: float, hi: float) -> float | None:
+    """Steps of 0.05 (or 0.025) that end on ``hi``; none where neither does."""
+    for step in (0.05, 0.025):
+        n = (hi - lo) / step
+        if abs(n - round(n)) < 1e-6:
+            return step
+    return None
+
+
 def _suggest(trial, config: Search, layers: dict[str, list[str]]) -> dict:
     """The trial's settings: sparsity, clusters, the layers each technique leaves dense."""
     settings = {"sparsity": None, "clusters": None, "spared": {}}
     if config.prunes:
-        settings["sparsity"] = round(trial.suggest_float(
-            "sparsity", config.sparsity[0], config.sparsity[1], step=0.05)
-            if config.sparsity[0] < config.sparsity[1] else config.sparsity[0], 4)
+        lo, hi = config.sparsity
+        settings["sparsity"] = round(trial.suggest_float("sparsity", lo, hi, step=_step(lo, hi))
+                                     if lo < hi else lo, 4)
     if config.clusters_weights:
         settings["clusters"] = (trial.suggest_int("clusters", *config.clusters, log=True)
                                 if config.clusters[0] < config.clusters[1]
