@@ -25,8 +25,18 @@ def _train(model, data, epochs, lr=3e-3, logits=True):
     return model
 
 
-def _agreement(path, model, x):
-    return np.mean(co.predict_tflite(path, x).argmax(1) == model.predict(x, verbose=0).argmax(1))
+def _agreement(path, model, x, ties: bool = True):
+    """Same class in the file as in the Keras model. ``ties=False`` leaves out the inputs whose
+    two top Keras outputs are equal: a QAT model's outputs sit on the int8 grid, where a tie
+    has no class (argmax takes the first), and at most 2 % of inputs may be such ties."""
+    keras_out = model.predict(x, verbose=0)
+    same = co.predict_tflite(path, x).argmax(1) == keras_out.argmax(1)
+    if ties:
+        return np.mean(same)
+    top2 = np.sort(keras_out, axis=1)[:, -2:]
+    decided = top2[:, 1] > top2[:, 0]
+    assert decided.mean() >= 0.98, f"{(~decided).sum()} tied inputs"
+    return np.mean(same[decided])
 
 
 def test_unfused_activations_get_their_own_ranges(tmp_path, digits):
@@ -115,7 +125,9 @@ def test_layer_norm_and_preprocessing_deploy_fully_int8(tmp_path, transformer, d
     path = co.export_tflite(qat, tmp_path / "qat.tflite")  # no calibration data
     assert co.inspect(path).fully_integer
     assert {"BATCH_MATMUL", "SOFTMAX"} <= set(co.inspect(path).operators)
-    assert _agreement(path, qat, xt) >= 0.98  # measured 98.6 % (calibrated: 99.2 %)
+    # 98.6 % counting every input: of the 5 flips, 3 are exact ties of the QAT model's two top
+    # logits on its int8 output grid, 2 differ by one step of it (0.054)
+    assert _agreement(path, qat, xt, ties=False) >= 0.99  # measured 99.4 %
 
 
 def test_a_tensor_qat_cannot_reach_names_its_layer(tmp_path, digits):
