@@ -121,5 +121,8 @@ def test_a_trial_that_leaves_every_layer_alone_fails_at_once(tmp_path, trained, 
 
 def test_search_without_optuna_says_what_to_install(tmp_path, trained, digits, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
+    tree = _tree(trained, digits)
     with pytest.raises(ImportError, match=r"pip install optuna.*grid needs nothing"):
-        _tree(trained, digits).search(tmp_path / "s", Search(trials=1))
+        tree.search(tmp_path / "s", Search(trials=1))
+    result = tree.explore(tmp_path / "grid", paths=["PTQ"])  # the grid needs no Optuna
+    assert [r["path"] for r in result.rows] == ["PTQ"] and result.rows[0]["verified"] == "yes"
