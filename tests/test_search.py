@@ -115,7 +115,7 @@ def test_a_trial_that_leaves_every_layer_alone_fails_at_once(tmp_path, trained, 
         tmp_path / "s", Search(leaf="PCQAT", trials=1, sparsity=(0.5, 0.8), clusters=(4, 8),
                                sampler="random", seed=3), log=lines.append)
     assert result.trials == [] and result.recommended is None and result.plot is None
-    assert result.failed[0]["error"] == "every layer left out of prune"
+    assert result.failed[0]["error"] == "every layer left out of prune, nothing to train"
     assert not any(line.startswith("[tree]") for line in lines)  # nothing trained
 
 

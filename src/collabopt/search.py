@@ -187,15 +187,37 @@ def _trial_tree(tree, settings: dict):
 def search(tree, out_dir: str | os.PathLike, config: Search | None = None, force: bool = False,
            log: Callable[[str], None] = print) -> SearchResult:
     """Run ``config.trials`` trials of ``config.leaf`` (``DeploymentTree.search``)."""
-    from collabopt.plots import pareto_front, plot_tradeoff
-    from collabopt.tree import ConfigMismatch, _atomic_json, _recommend
-
     config = config or Search()
     if config.leaf.endswith("(pc)") and not tree.per_channel:
         raise ValueError(f"leaf {config.leaf!r} is a per-channel leaf: build the tree with "
                          "per_channel=True")
     optuna = _optuna()
     out = Path(out_dir)
+    study = _open_study(optuna, tree, out, config, force)
+    layers = {technique: candidate_layers(tree, technique)
+              for technique, used in (("prune", config.prunes),
+                                      ("cluster", config.clusters_weights)) if used}
+    states = optuna.trial.TrialState
+    # a trial cut off by an interrupted run finishes first, from its checkpoints
+    pending = [optuna.trial.Trial(study, t._trial_id)  # Optuna has no public resume
+               for t in study.get_trials(deepcopy=False, states=(states.RUNNING,))]
+    done = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL)))
+    while done < config.trials:
+        trial = pending.pop(0) if pending else study.ask()
+        settings = _suggest(trial, config, layers)
+        trial.set_user_attr("settings", settings)
+        log(f"[search] trial {trial.number} ({done + 1}/{config.trials}): "
+            f"{_describe(settings)} ...")
+        done += 1
+        _run_trial(study, trial, tree, out, config, settings, layers, log)
+    return _collect(study, tree, out, config)
+
+
+def _open_study(optuna, tree, out: Path, config: Search, force: bool):
+    """The study kept in ``out`` (created, or loaded to continue; refused if it was another
+    search, unless ``force``)."""
+    from collabopt.tree import ConfigMismatch, _atomic_json
+
     out.mkdir(parents=True, exist_ok=True)
     # more trials continue a search: the count is not part of what must match
     fingerprint = {"tree": tree.fingerprint(),
@@ -212,83 +234,81 @@ def search(tree, out_dir: str | os.PathLike, config: Search | None = None, force
         shutil.rmtree(out)
         out.mkdir(parents=True)
     _atomic_json(config_file, fingerprint)
-
-    higher = tree.metric.higher_is_better
     samplers = {"nsga2": optuna.samplers.NSGAIISampler, "tpe": optuna.samplers.TPESampler,
                 "random": optuna.samplers.RandomSampler}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "search.journal")))
-    study = optuna.create_study(
+    return optuna.create_study(
         study_name="collabopt", storage=storage, load_if_exists=True,
-        directions=["maximize" if higher else "minimize", "minimize"],
+        directions=["maximize" if tree.metric.higher_is_better else "minimize", "minimize"],
         sampler=samplers[config.sampler](seed=config.seed))
-    layers = {technique: candidate_layers(tree, technique)
-              for technique, used in (("prune", config.prunes),
-                                      ("cluster", config.clusters_weights)) if used}
-    states = optuna.trial.TrialState
-    # a trial cut off by an interrupted run finishes first, from its checkpoints
-    pending = [optuna.trial.Trial(study, t._trial_id)  # Optuna has no public resume
-               for t in study.get_trials(deepcopy=False, states=(states.RUNNING,))]
-    done = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL)))
-    failed = []
-    while done < config.trials:
-        trial = pending.pop(0) if pending else study.ask()
-        settings = _suggest(trial, config, layers)
-        log(f"[search] trial {trial.number} ({done + 1}/{config.trials}): "
-            f"{_describe(settings)} ...")
-        done += 1
-        idle = [t for t, names in layers.items() if set(settings["spared"][t]) >= set(names)]
-        if idle:  # nothing to train: failed at once, so the sampler learns to avoid it
-            study.tell(trial, state=states.FAIL)
-            failed.append({"number": trial.number, "settings": settings,
-                           "error": f"every layer left out of {' and '.join(idle)}"})
-            log(f"[search] trial {trial.number}: {failed[-1]['error']}, nothing to train")
-            continue
-        trial_tree = _trial_tree(tree, settings)
-        start = time.perf_counter()
-        result = trial_tree.explore(out / f"trial_{trial.number:03d}", paths=[config.leaf],
-                                    log=log)
-        if "baseline" not in study.user_attrs:
-            study.set_user_attr("baseline", _plain(result.baseline))
-        if not result.rows:
-            study.tell(trial, state=states.FAIL)
-            failed.append({"number": trial.number, "settings": settings,
-                           "error": (result.failed or [{}])[0].get("error", "no leaf")})
-            log(f"[search] trial {trial.number} failed: {failed[-1]['error']}")
-        else:
-            row = result.rows[0]
-            trial.set_user_attr("settings", settings)
-            trial.set_user_attr("row", _plain(row))
-            study.tell(trial, [row["int8_metric"], row["zip_bytes"]])
-            log(f"[search] trial {trial.number}: int8 {tree.metric.name} "
-                f"{row['int8_metric']:.4f}, {row['zip_bytes']:,} bytes zipped"
-                f"{', meets the targets' if row['meets_targets'] else ''} "
-                f"({time.perf_counter() - start:.0f}s)")
 
-    trials = []
-    for t in study.get_trials(deepcopy=False, states=(states.COMPLETE,)):
-        row = dict(t.user_attrs["row"])
-        settings = t.user_attrs["settings"]
-        dense = sorted({n for names in settings["spared"].values() for n in names})
-        trials.append({**row, "number": t.number, "path": f"trial {t.number}",
-                       "leaf": config.leaf, "settings": {**settings, "dense_layers": dense}})
+
+def _run_trial(study, trial, tree, out: Path, config: Search, settings: dict, layers: dict,
+               log) -> None:
+    """Train, export and measure one trial's leaf and tell the study (a failure is a FAIL
+    state with its reason, so the sampler learns to avoid it)."""
+    from optuna.trial import TrialState
+
+    def fail(error: str) -> None:
+        trial.set_user_attr("error", error)
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"[search] trial {trial.number} failed: {error}")
+
+    idle = [t for t, names in layers.items() if set(settings["spared"][t]) >= set(names)]
+    if idle:  # nothing to train
+        return fail(f"every layer left out of {' and '.join(idle)}, nothing to train")
+    start = time.perf_counter()
+    result = _trial_tree(tree, settings).explore(out / f"trial_{trial.number:03d}",
+                                                 paths=[config.leaf], log=log)
+    if "baseline" not in study.user_attrs:
+        study.set_user_attr("baseline", _plain(result.baseline))
+    if not result.rows:
+        return fail((result.failed or [{}])[0].get("error", "no leaf was built"))
+    row = result.rows[0]
+    trial.set_user_attr("row", _plain(row))
+    study.tell(trial, [row["int8_metric"], row["zip_bytes"]])
+    log(f"[search] trial {trial.number}: int8 {tree.metric.name} {row['int8_metric']:.4f}, "
+        f"{row['zip_bytes']:,} bytes zipped"
+        f"{', meets the targets' if row['meets_targets'] else ''} "
+        f"({time.perf_counter() - start:.0f}s)")
+
+
+def _collect(study, tree, out: Path, config: Search) -> SearchResult:
+    """Every finished trial of the study (this run's and earlier ones'), its Pareto front,
+    the recommendation, the plot and ``trials.json``."""
+    from optuna.trial import TrialState
+
+    from collabopt.plots import pareto_front, plot_tradeoff
+    from collabopt.tree import _atomic_json, _recommend
+
+    higher = tree.metric.higher_is_better
+    trials, failed = [], []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        settings = dict(t.user_attrs.get("settings", {}))
+        settings["dense_layers"] = sorted({n for names in settings.get("spared", {}).values()
+                                           for n in names})
+        if t.state == TrialState.FAIL:
+            failed.append({"number": t.number, "settings": settings,
+                           "error": t.user_attrs.get("error", "failed")})
+        else:
+            trials.append({**t.user_attrs["row"], "number": t.number, "path": f"trial {t.number}",
+                           "leaf": config.leaf, "settings": settings})
     baseline = study.user_attrs.get("baseline", {})
-    front_idx = pareto_front([(t["zip_bytes"], t["int8_metric"]) for t in trials], higher)
-    pareto = [trials[i] for i in front_idx]
+    pareto = [trials[i] for i in pareto_front([(t["zip_bytes"], t["int8_metric"])
+                                               for t in trials], higher)]
     best = _recommend(trials, higher)
     recommended = next((t for t in trials if t["path"] == best), None)
-    plot = None
-    if trials:
-        plot = plot_tradeoff(trials, out / "search.png", y="int8_metric",
-                             y_label=f"int8 {tree.metric.name}", higher_is_better=higher)
-    _atomic_json(out / "trials.json", {"leaf": config.leaf, "trials": trials,
-                                       "pareto": [t["number"] for t in pareto],
-                                       "recommended": recommended and recommended["number"],
-                                       "baseline": baseline})
-    return SearchResult(out, trials, pareto, recommended, baseline,
-                        metric=tree.metric.name, higher_is_better=higher, plot=plot,
-                        failed=failed)
+    plot = plot_tradeoff(trials, out / "search.png", y="int8_metric",
+                         y_label=f"int8 {tree.metric.name}",
+                         higher_is_better=higher) if trials else None
+    _atomic_json(out / "trials.json", {
+        "leaf": config.leaf, "trials": trials, "failed": failed,
+        "pareto": [t["number"] for t in pareto],
+        "recommended": recommended and recommended["number"], "baseline": baseline})
+    return SearchResult(out, trials, pareto, recommended, baseline, metric=tree.metric.name,
+                        higher_is_better=higher, plot=plot, failed=failed)
 
 
 def _describe(settings: dict) -> str:
