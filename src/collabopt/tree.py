@@ -956,8 +956,9 @@ def _prune_ancestor(nodes: list[Node], name: str) -> str | None:
 
 
 def _zeros_lost(pruned, model) -> list[str]:
-    """Per layer of ``pruned``: how many of its zeros ``model`` no longer holds."""
-    from collabopt.core import registry
+    """Per pruned weight of ``pruned`` (sparse by ``structure``'s measure, so a stray zero of
+    an unpruned weight does not count): how many of its zeros ``model`` no longer holds."""
+    from collabopt.core import registry, structure
     from collabopt.core.rewrite import is_wrapped, iter_layers, strip
 
     plain = strip(model) if is_wrapped(model) else model
@@ -967,7 +968,10 @@ def _zeros_lost(pruned, model) -> list[str]:
         if layer.name not in ours:
             continue
         for spec in registry.weight_specs(layer) or ():
-            before = registry.find_variable(layer, spec.name).numpy() == 0
+            w = registry.find_variable(layer, spec.name).numpy()
+            if not structure.detect(w, spec.channel_axes).sparse:
+                continue
+            before = w == 0
             try:
                 after = registry.find_variable(ours[layer.name], spec.name).numpy()
             except (KeyError, ValueError):
