@@ -227,22 +227,21 @@ def keep_zeros(model: keras.Model, layers: LayerSelector = None,
     from collabopt.core.rewrite import iter_layers, layer_matcher
 
     match, _ = layer_matcher(layers)
-
-    def sparse_specs(layer):
-        return [s for s in registry.weight_specs(layer) or ()
-                if structure.detect(registry.find_variable(layer, s.name).numpy(),
-                                    s.channel_axes).sparse]
-
-    if not any(sparse_specs(layer) for layer in iter_layers(model)
-               if match is None or match(layer)):
+    sparsity = {}  # (layer, weight) -> its zeros' share, each weight measured once
+    for layer in iter_layers(model):
+        if match is None or match(layer):
+            for s in registry.weight_specs(layer) or ():
+                st = structure.detect(registry.find_variable(layer, s.name).numpy(),
+                                      s.channel_axes)
+                if st.sparse:
+                    sparsity[layer.name, s.name] = st.sparsity
+    if not sparsity:
         return model
 
     def make_chains(layer, specs, explicit):
-        chains = {}
-        for s in sparse_specs(layer):
-            st = structure.detect(registry.find_variable(layer, s.name).numpy(), s.channel_axes)
-            chains[s.name] = [fixed_mask(st.sparsity, channel_axes=s.channel_axes,
-                                         reduction_axes=s.reduction_axes)]
+        chains = {s.name: [fixed_mask(sparsity[layer.name, s.name], channel_axes=s.channel_axes,
+                                      reduction_axes=s.reduction_axes)]
+                  for s in specs if (layer.name, s.name) in sparsity}
         return chains or "no zeros to keep"
 
     return apply_to_model(model, "keep_zeros", make_chains, layers=layers, verbose=verbose)
