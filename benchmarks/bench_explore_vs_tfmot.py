@@ -56,11 +56,11 @@ def main(argv=None):
     if not BASE.exists():
         raise SystemExit(f"{BASE} is missing: train it with benchmarks/bases/train_resnet8.py")
     from bench_step_time import ensure_tfmot_env
+    from bench_vs_tfmot import save_named_base
 
     python = ensure_tfmot_env()
 
     import keras
-    import numpy as np
 
     import collabopt as co
     from collabopt.tree import _sample, leaf_names
@@ -69,13 +69,7 @@ def main(argv=None):
     train = _sample((x, y), args.train)
     base = keras.models.load_model(BASE)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    named = {f"{layer.name}__{j}": w for layer in base.layers
-             for j, w in enumerate(layer.get_weights())}
-    names = [layer.name for layer in base.layers if layer.weights]
-    np.savez(args.work / "data.npz", x_train=train[0], y_train=train[1], classes=10,
-             layer_names=np.array(names),
-             **{f"{n}__n": len(base.get_layer(n).weights) for n in names}, **named)
+    save_named_base(args.work, base, *train, classes=10)
     base_acc = None
     runs = []
     start = time.perf_counter()

@@ -171,6 +171,19 @@ def load_saved_base(work, w: dict):
     return base
 
 
+def save_named_base(work: Path, base, x, y, classes: int) -> None:
+    """The base's weights by layer name and the training data, in ``work/data.npz``: what
+    tfmot_tree.py loads into its tf_keras twin (by name: layer order differs between Keras
+    versions)."""
+    named = {f"{layer.name}__{j}": w for layer in base.layers
+             for j, w in enumerate(layer.get_weights())}
+    names = [layer.name for layer in base.layers if layer.weights]
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / "data.npz", x_train=x, y_train=y, classes=classes,
+             layer_names=np.array(names),
+             **{f"{n}__n": len(base.get_layer(n).weights) for n in names}, **named)
+
+
 def run_name(workload_name: str, sparsity: float | None, clusters: int | None,
              quick: bool, split: str = "holdout") -> str:
     name = f"vs_tfmot_{workload_name}" + ("_official" if split == "official" else "")

@@ -105,20 +105,21 @@ def _audio(n, frames=49, features=10, seed=0):
             rng.integers(0, CLASSES, n))
 
 
-def lstm_kws(n=8):
-    inp = keras.Input((49, 10))
+def lstm_kws(n=8, frames=49):
+    """``frames``: sequence length (the export unrolls it: its cost grows with it)."""
+    inp = keras.Input((frames, 10))
     x = layers.Conv1D(16, 3, padding="same", activation="relu", name="conv")(inp)
     x = layers.LSTM(16, name="lstm")(x)
     out = layers.Dense(CLASSES, name="head")(x)
-    return (keras.Model(inp, out, name="lstm_kws"), *_audio(n))
+    return (keras.Model(inp, out, name="lstm_kws"), *_audio(n, frames))
 
 
-def gru_kws(n=8):
-    inp = keras.Input((49, 10))
+def gru_kws(n=8, frames=49):
+    inp = keras.Input((frames, 10))
     x = layers.GRU(16, return_sequences=True, name="gru1")(inp)
     x = layers.Bidirectional(layers.GRU(8), name="bigru")(x)
     out = layers.Dense(CLASSES, name="head")(x)
-    return (keras.Model(inp, out, name="gru_kws"), *_audio(n))
+    return (keras.Model(inp, out, name="gru_kws"), *_audio(n, frames))
 
 
 def keyword_transformer(n=8, dim=16, heads=2):
