@@ -168,3 +168,22 @@ def test_a_subclassed_model_exports_after_qat(tmp_path, digits):
     path = co.export_tflite(qat, tmp_path / "sub.tflite", representative_data=x)
     assert co.inspect(path).fully_integer
     assert _agreement(path, qat, xt) >= 0.95
+
+
+def test_layer_norm_qat_of_a_constant_token_keeps_finite_gradients():
+    """A token whose features are all equal has variance 0: its ``variance + epsilon`` rounds
+    to 0 on a range set by the other tokens, and rsqrt(0) = inf once gave NaN gradients (a
+    trained keyword transformer's QAT diverged at its 8th step)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((2, 8))
+    h = keras.layers.Dense(8, name="embed")(inp)  # zero bias: a zero token stays constant
+    h = keras.layers.LayerNormalization(name="ln")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(h)))
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(0, 30, (64, 8)), np.zeros((64, 8))], axis=1).astype("float32")
+    y = rng.integers(0, 2, 64)
+    qat = co.quantize(model, verbose=False)
+    qat.compile(keras.optimizers.Adam(1e-3),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert all(np.isfinite(np.asarray(v)).all() for v in qat.weights)

@@ -152,6 +152,15 @@ def test_qat_compile_used_for_qat_nodes_only(trained, digits):
                                        qat_compile=compile_with(1e-5)).fingerprint()
 
 
+def test_a_diverged_fine_tune_fails_its_node_with_what_to_do(trained, digits):
+    def explode(model):
+        model.compile(keras.optimizers.SGD(1e30), _loss())
+
+    tree = _tree(trained, digits, compile=explode)
+    with pytest.raises(FloatingPointError, match="diverged.*Lower the learning rate"):
+        tree._train(_node(tree, "prune"), tree.model, print)
+
+
 def test_prune_layers_selects_what_the_prune_node_prunes(trained, digits):
     tree = _tree(trained, digits, prune_layers=["conv2"])
     pruned = co.strip(tree._train(_node(tree, "prune"), tree.model, print))

@@ -524,6 +524,7 @@ class DeploymentTree:
             trainer = co.distill(model, self.model, d.temperature, d.weight, d.kind)
         self._compile(trainer, self.qat_compile if node.op == "qat" else self.compile)
         trainer.fit(**_fit_args(self.train), **self.fit)
+        _check_finite(model, node.name)
         if folded is not None and self.bias_correction:
             co.correct_bias(model, folded,
                             _calibration_inputs(self.train, self.calibration_samples))
@@ -988,6 +989,21 @@ def _classes(outputs) -> np.ndarray:
 
 def _outputs(out) -> list[np.ndarray]:
     return [np.asarray(o) for o in out] if isinstance(out, (list, tuple)) else [np.asarray(out)]
+
+
+def _check_finite(model, node: str) -> None:
+    """Fail a node whose fine-tune diverged: NaN weights convert to a file the converter
+    rejects with an unrelated message (a bias-scale check), or to one that computes NaN."""
+    import keras
+
+    bad = [v.path for v in model.weights
+           if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+    if bad:
+        raise FloatingPointError(
+            f"node {node!r}: fine-tuning diverged, {len(bad)} weights are NaN or infinite "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). Lower the learning "
+            "rate (the tree's compile= / qat_compile=) or clip gradients (clipnorm=1.0), "
+            "then run the exploration again: finished nodes are kept.")
 
 
 def _agreement(file_out, keras_out) -> float | None:

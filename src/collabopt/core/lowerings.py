@@ -60,7 +60,12 @@ def _layer_norm(layer, x, q, training=None):
     mean = q(0, ops.mean(x, axis=axis, keepdims=True))
     centred = q(1, x - mean)
     variance = q(3, ops.mean(q(2, centred * centred), axis=axis, keepdims=True))
-    inv = q(5, ops.rsqrt(q(4, variance + layer.epsilon)))
+    # a variance below half of its int8 step rounds to 0, and rsqrt(0) = inf gives NaN
+    # gradients (the clamp's zero slope times inf; a trained keyword transformer's QAT
+    # diverged at step 8, measured). TFLite's int8 RSQRT maps 0 to its largest output; the
+    # floor at epsilon does the same through the output range's clamp, with finite slopes
+    inv = q(5, ops.rsqrt(ops.maximum(q(4, variance + layer.epsilon),
+                                     max(layer.epsilon, 1e-6))))
     y = centred * inv
     if layer.gamma is not None:
         y = q(6, y) * _broadcast(layer, layer.gamma, x)
