@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 
@@ -132,16 +133,21 @@ def best_within_one_point(runs: list[dict], side: str, base_acc: float) -> tuple
     return min(ok) if ok else None
 
 
-def table(runs: list[dict], base_acc: float) -> tuple[list[list[str]], dict]:
+def table(runs: list[dict], clusters: int) -> tuple[list[list[str]], dict]:
     rows, verdicts = [], {}
     for leaf in LEAVES:
         col = {(side, key): column(runs, side, leaf, key) for side in ("ours", "tfmot")
                for key in ("int8_accuracy", "zip_bytes", "vela_encoded_bytes")}
         acc_o, acc_t = col["ours", "int8_accuracy"], col["tfmot", "int8_accuracy"]
-        v = {"accuracy": judge(acc_o, acc_t, -ACC_MARGIN),
+        # tfmot's cluster_per_channel leaves bias-free convs unclustered: no comparison then
+        unclustered = "(pc)" in leaf and any(
+            c > clusters for c in column(runs, "tfmot", leaf, "conv_unique_per_channel_max"))
+        v = {"accuracy": "n/a" if unclustered else judge(acc_o, acc_t, -ACC_MARGIN),
              "zip": judge([-z for z in col["ours", "zip_bytes"]],
                           [-z for z in col["tfmot", "zip_bytes"]], 0.0)}
-        if leaf in CLUSTERED:
+        if not acc_t:  # tfmot failed this leaf: nothing to judge
+            v = {}
+        elif leaf in CLUSTERED:
             v["vela"] = judge([-z for z in col["ours", "vela_encoded_bytes"]],
                               [-z for z in col["tfmot", "vela_encoded_bytes"]], 0.0)
         verdicts[leaf] = v
@@ -162,7 +168,7 @@ def table(runs: list[dict], base_acc: float) -> tuple[list[list[str]], dict]:
                      both("entropy_bound_bytes", "{:,.0f}"), both("vela_encoded_bytes", "{:,.0f}"),
                      both("vela_cycles", "{:,.0f}"), both("sparsity", "{:.0%}"),
                      both("unique_max", "{:.0f}"), both("unique_per_channel_max", "{:.0f}"),
-                     ", ".join(f"{k} {s}" for k, s in v.items())])
+                     ", ".join(f"{k} {s}" for k, s in v.items()) or "no tfmot file"])
     return rows, verdicts
 
 
@@ -202,7 +208,7 @@ def main(argv=None):
 
 
 def write(name, spec, runs, base_acc, sparsity, clusters, n_train, n_test, args) -> None:
-    rows, verdicts = table(runs, base_acc)
+    rows, verdicts = table(runs, clusters)
     best = {side: best_within_one_point(runs, side, base_acc) for side in ("ours", "tfmot")}
     best_verdict = ("met" if best["ours"] and (not best["tfmot"]
                                                or best["ours"][0] < best["tfmot"][0])
@@ -218,6 +224,10 @@ def write(name, spec, runs, base_acc, sparsity, clusters, n_train, n_test, args)
         b = best[side]
         return f"{b[1]} ({b[0]:,.0f} B)" if b else "none"
     seeds = ", ".join(str(r["seed"]) for r in runs)
+    failures = {leaf: re.sub(r"\{\{.*?\}\}\s*", "", state).split(" name:")[0][:160]
+                for r in runs
+                for leaf, state in r["tfmot"].get("status", {}).items() if state != "ok"}
+    failed = "".join(f" tfmot failed {leaf}: `{why}`." for leaf, why in failures.items())
     write_section(
         name, f"Every leaf over seeds {seeds}: {spec['what']}, {sparsity:.0%} sparsity, "
               f"{clusters} clusters",
@@ -232,11 +242,11 @@ def write(name, spec, runs, base_acc, sparsity, clusters, n_train, n_test, args)
         + f"\n\nVerdicts: {counts['met']} met, {counts['within noise']} within noise, "
           f"{counts['missed']} missed (accuracy >= tfmot − 0.3 points, zip <= tfmot, Vela "
           "weights <= tfmot on clustered leaves; met: the mean gap reaches the target; within "
-          "noise: the shortfall is inside two standard errors of the difference). Smallest "
+          "noise: the shortfall is inside two standard errors of the difference; n/a: tfmot "
+          "left the convs of that per-channel leaf unclustered, no comparison). Smallest "
           f"leaf within 1 point of the base: ours {pick('ours')}, tfmot {pick('tfmot')}: "
-          f"{best_verdict}. tfmot's (pc) leaves leave bias-free Conv2D layers unclustered "
-          "(its cluster_per_channel reads the channel count from the last weight). "
-          f"{minutes:.0f} min of fine-tuning, export and measurement on 2 CPU cores.")
+          f"{best_verdict}.{failed} {minutes:.0f} min of fine-tuning, export and "
+          "measurement on 2 CPU cores.")
 
 
 if __name__ == "__main__":
