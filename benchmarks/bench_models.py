@@ -6,11 +6,15 @@ file to the Keras model it came from, how big is it. Writes docs/MODELS.md.
 
     python benchmarks/bench_models.py [--models MobileNet,lstm_kws] [--no-tfmot]
         [--force collabopt|tfmot|both] [--table-only]
+    python benchmarks/bench_models.py --trained 10 [--models ...]
 
 Each model is trained one epoch per node on 64 random samples of its input shape (the zoo's)
-and measured on 64 others: the matrix is about deployability and conversion fidelity, which
-random weights exercise as trained ones do, not about accuracy. Results are kept per model in
-benchmarks/results/models/ (a rerun skips what was measured; ``--force`` redoes it).
+and measured on 64 others: that matrix is about deployability, which random weights exercise
+as trained ones do. ``--trained EPOCHS`` (collabopt only) first trains each model on real data
+of its shape (``real_data``) and measures every stage's file against its Keras model on real
+test samples: the fidelity a user sees, which random weights cannot show. Results are kept
+per model in benchmarks/results/models/ (a rerun skips what was measured; ``--force`` redoes
+it).
 """
 
 from __future__ import annotations
@@ -128,7 +132,8 @@ def ours(name: str, work: Path, trained_epochs: int = 0) -> dict:
               for r in result.rows}
     stages |= {f["path"]: {"status": "error", "error": f["error"]} for f in result.failed}
     return {"stages": stages, "seconds": time.perf_counter() - start,
-            "base_accuracy": base_accuracy, "n_train": len(train[1]), "n_test": len(val[1])}
+            "base_accuracy": base_accuracy, "n_train": len(train[1]), "n_test": len(val[1]),
+            "trained_epochs": trained_epochs}
 
 
 def tfmot(name: str, work: Path, python: Path) -> dict:
@@ -191,7 +196,8 @@ def write_doc(results: dict) -> None:
         parts.append(f"### {line}\n\n" + md_table(header, rows))
     trained = {name: r["trained"] for name, r in results.items() if "trained" in r}
     if trained:
-        rows = [[name, f"{r['base_accuracy']:.1%} ({r['n_train']:,} / {r['n_test']:,})",
+        rows = [[name, f"{r['base_accuracy']:.1%} ({r['n_train']:,} / {r['n_test']:,}, "
+                       f"{r.get('trained_epochs', '?')} epochs)",
                  *(cell(r["stages"].get(s)) for s in STAGES)] for name, r in trained.items()]
         def fidelity(qat: bool) -> str:
             """How many fully-int8 stages (QAT-trained or post-training) keep the Keras
@@ -219,7 +225,7 @@ def write_doc(results: dict) -> None:
                      "must keep their Keras QAT model's class on >= 99 % of these (issue 20); "
                      "post-training files differ by their rounding, which no training "
                      "absorbed.\n\n"
-                     + md_table(["model", "base: float test accuracy (train / test samples)",
+                     + md_table(["model", "base: float test top-1 (train / test samples, epochs)",
                                 *STAGES], rows))
     errors = [f"- {system} · {name} · {stage}: {row['error']}"
               for name, r in results.items() for system in ("collabopt", "trained", "tfmot")
