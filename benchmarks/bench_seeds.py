@@ -12,10 +12,11 @@ optimizer, rates, epochs and batch size (bench_vs_tfmot.py's tree: ours with the
 defaults, batch norm kept where it folds exactly and bias correction of folded cluster
 nodes); both sets of files are measured here by the same code.
 
-Resumable: every (seed, system) finishes into its own JSON under
-``benchmarks/results/runs/seeds_<workload>_<setting>/``, and the tree resumes its finished
-nodes, so an interrupted run continues where it stopped; the table is written from every
-seed finished so far.
+Resumable: every (seed, system) finishes into its own small JSON under
+``benchmarks/results/seeds/<name>/`` (committed, so a run continues across sessions and
+machines), the trees' files live under ``benchmarks/results/runs/<name>/`` (ignored) and the
+tree resumes its finished nodes, so an interrupted run continues where it stopped; the table
+is written from every seed finished so far.
 
 Verdicts (issue #21): a target is *met* when the mean gap is at or above it, *within noise*
 when the shortfall is inside two standard errors of the difference of the means, *missed*
@@ -89,10 +90,12 @@ def load(workload: str, train: int):
     return keras.models.load_model(path), x, y, xt, yt
 
 
-def run_seed(work, base, w: dict, seed: int, python) -> dict[str, dict]:
-    """Both systems' leaves for one seed, measured identically; cached per system."""
+def run_seed(work, done, base, w: dict, seed: int, python) -> dict[str, dict]:
+    """Both systems' leaves for one seed, measured identically; each system's measurements
+    cached in ``done`` (the trees' files in ``work``)."""
     out = {}
-    ours_json = work / f"ours_seed{seed}.json"
+    done.mkdir(parents=True, exist_ok=True)
+    ours_json = done / f"ours_seed{seed}.json"
     if not ours_json.exists():
         start = time.perf_counter()
         rows = our_tree(base, w, batchnorm="keep", seed=seed, bias_correction=True).explore(
@@ -102,7 +105,7 @@ def run_seed(work, base, w: dict, seed: int, python) -> dict[str, dict]:
         ours_json.write_text(json.dumps({"seconds": time.perf_counter() - start,
                                          "leaves": measured}, default=float))
     out["ours"] = json.loads(ours_json.read_text())
-    tfmot_json = work / f"tfmot_seed{seed}.json"
+    tfmot_json = done / f"tfmot_seed{seed}.json"
     if not tfmot_json.exists():
         start = time.perf_counter()
         folder = f"tfmot_seed{seed}"
@@ -203,7 +206,8 @@ def main(argv=None):
     runs = []
     for seed in args.seeds:
         print(f"seed {seed}: {name}", flush=True)
-        runs.append({"seed": seed, **run_seed(work, base, w, seed, python)})
+        runs.append({"seed": seed, **run_seed(work, RESULTS / "seeds" / name, base, w, seed,
+                                               python)})
         write(name, spec, runs, base_acc, sparsity, clusters, len(x), len(xt), args)
 
 
