@@ -18,6 +18,12 @@ machines), the trees' files live under ``benchmarks/results/runs/<name>/`` (igno
 tree resumes its finished nodes, so an interrupted run continues where it stopped; the table
 is written from every seed finished so far.
 
+``--check`` runs the given seeds (default: the table's first) again from scratch into
+``<name>_check`` folders and writes a "Reproduction" section instead of the table: per leaf
+and system, how far the int8 accuracy and the zip moved against the committed seed, whether
+the files are the same bytes, and whether the move is inside the table's stated noise (two
+standard deviations over its seeds).
+
 Verdicts (issue #21): a target is *met* when the mean gap is at or above it, *within noise*
 when the shortfall is inside two standard errors of the difference of the means, *missed*
 otherwise. Targets: int8 accuracy >= tfmot's - 0.3 points; zip <= tfmot's; Vela encoded
@@ -180,22 +186,40 @@ def main(argv=None):
     ap.add_argument("workload", choices=sorted(WORKLOADS))
     ap.add_argument("--setting", nargs=2, metavar=("SPARSITY", "CLUSTERS"), default=None,
                     help="default 0.5 16 (the reference's)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="default 0 1 2; with --check the committed table's first seed")
     ap.add_argument("--train", type=int, default=5000,
                     help="resnet8: training images per fine-tune (spread evenly)")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--check", action="store_true",
+                    help="re-run seeds of the committed table from scratch and write how far "
+                         "each leaf moved (a 'Reproduction' section) instead of the table")
     args = ap.parse_args(argv)
     sparsity, clusters = (float(args.setting[0]), int(args.setting[1])) if args.setting \
         else (0.5, 16)
     if not 0 < sparsity < 1 or clusters < 2:
         ap.error("--setting: sparsity in (0, 1), clusters >= 2, e.g. --setting 0.75 4")
-    if len(set(args.seeds)) != len(args.seeds):
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
         ap.error("--seeds must be distinct")
+    if not args.check:
+        args.seeds = args.seeds or [0, 1, 2]
     spec = WORKLOADS[args.workload]
-    base, x, y, xt, yt = load(args.workload, args.train)
     name = f"seeds_{args.workload}_{round(sparsity * 100)}_{clusters}"
     if (args.train, args.epochs) != (5000, 2):  # cached seeds are per fine-tuning budget
         name += f"_t{args.train}_e{args.epochs}"
+    done = RESULTS / "seeds" / name
+    if args.check:
+        committed = sorted(int(p.stem.split("seed")[1]) for p in done.glob("ours_seed*.json")
+                           if (done / p.name.replace("ours", "tfmot")).exists())
+        if not committed:
+            ap.error(f"--check: no committed seeds in {done.relative_to(ROOT)} to reproduce")
+        args.seeds = args.seeds or committed[:1]
+        missing = sorted(set(args.seeds) - set(committed))
+        if missing:
+            ap.error(f"--check: seeds {missing} are not in the committed table "
+                     f"(it has {committed})")
+        name += "_check"
+    base, x, y, xt, yt = load(args.workload, args.train)
     work = RESULTS / "runs" / name
     save_named_base(work, base, x, y, classes=10)
     w = {"x": x, "y": y, "xt": xt, "yt": yt, "arch": spec["arch"], "sparsity": sparsity,
@@ -208,7 +232,56 @@ def main(argv=None):
         print(f"seed {seed}: {name}", flush=True)
         runs.append({"seed": seed, **run_seed(work, RESULTS / "seeds" / name, base, w, seed,
                                                python)})
-        write(name, spec, runs, base_acc, sparsity, clusters, len(x), len(xt), args)
+        if args.check:
+            reproduce(name.removesuffix("_check"), done, runs)
+        else:
+            write(name, spec, runs, base_acc, sparsity, clusters, len(x), len(xt), args)
+
+
+def reproduce(name: str, done, reruns: list[dict]) -> None:
+    """How far each re-run leaf moved from the committed seed, against the table's noise."""
+    table_runs = [{"seed": int(p.stem.split("seed")[1]),
+                   "ours": json.loads(p.read_text()),
+                   "tfmot": json.loads((done / p.name.replace("ours", "tfmot")).read_text())}
+                  for p in sorted(done.glob("ours_seed*.json"))]
+    committed = {r["seed"]: r for r in table_runs}
+    runs = RESULTS / "runs"
+    rows, outside, checked = [], 0, 0
+    for rerun in reruns:
+        old = committed[rerun["seed"]]
+        for leaf in LEAVES:
+            cells, same = [], []
+            for side in ("ours", "tfmot"):
+                a, b = old[side]["leaves"].get(leaf), rerun[side]["leaves"].get(leaf)
+                if not a or not b:
+                    cells += ["–", "–"]
+                    continue
+                moved = (b["int8_accuracy"] - a["int8_accuracy"]) * 100
+                accs = column(table_runs, side, leaf, "int8_accuracy")
+                noise = 2 * statistics.stdev(accs) * 100 if len(accs) > 1 else 0.0
+                inside = abs(moved) <= noise or moved == 0
+                outside += not inside
+                checked += 1
+                cells += [f"{moved:+.2f} ({'inside' if inside else 'OUTSIDE'} ±{noise:.2f})",
+                          f"{b['zip_bytes'] / a['zip_bytes']:.3f}"]
+                slug = _slug(leaf) if side == "tfmot" else None
+                folder = f"{side}_seed{rerun['seed']}"
+                files = ([(runs / n / folder / f"{slug}.tflite") for n in (name, f"{name}_check")]
+                         if slug else [])
+                if files and all(f.exists() for f in files):
+                    same.append("yes" if files[0].read_bytes() == files[1].read_bytes()
+                                else "no")
+            if any(c != "–" for c in cells):
+                rows.append([rerun["seed"], leaf, *cells, " / ".join(same) or "–"])
+    save_json(f"reproduce_{name}", {"reruns": reruns})
+    write_section(
+        f"reproduce_{name}", f"Reproduction: {name} run again",
+        md_table(["seed", "leaf", "INT8 Δ pts ours (table's 2 sd)", "zip new/old ours",
+                  "INT8 Δ pts tfmot (table's 2 sd)", "zip new/old tfmot",
+                  "same tfmot bytes"], rows)
+        + f"\n\n`--check` re-ran these seeds from the stored base into `{name}_check` folders "
+          f"and compared each leaf with the committed seed: {outside} of {checked} accuracy cells "
+          "moved outside two standard deviations of the table's seeds.")
 
 
 def write(name, spec, runs, base_acc, sparsity, clusters, n_train, n_test, args) -> None:
