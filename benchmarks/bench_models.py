@@ -33,7 +33,7 @@ from bench_step_time import ensure_tfmot_env
 
 import collabopt as co
 from collabopt.tree import leaf_names
-from collabopt.zoo import CLASSES, ZOO
+from collabopt.zoo import CLASSES, ZOO, settle_batchnorm
 
 N = 64  # train and validation samples per model
 SPARSITY, CLUSTERS = 0.5, 16
@@ -111,6 +111,8 @@ def pretrain(model, train, test, epochs: int) -> float:
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not _probabilities(model))
     model.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
     model.fit(*train, epochs=epochs, batch_size=32, verbose=2)
+    x = train[0]
+    settle_batchnorm(model, (x[i:i + 250] for i in range(0, len(x), 250)))
     return float(model.evaluate(*test, verbose=0)[1])
 
 

@@ -112,25 +112,6 @@ def sgd_rate(step: int, steps: int, peak: float) -> float:
     return peak * 0.5 * (1 + np.cos(np.pi * step / steps))
 
 
-def recompute_batchnorm(model, images) -> None:
-    """Set every batch norm's moving statistics to the mean of its batch statistics over
-    the batches ``images`` (one forward pass in training mode: with momentum i / (i + 1) at
-    batch i the moving value is the running mean of the batches), as SWA's averaged weights
-    need. Feed augmented batches: statistics of clean images cost the stored base 0.9
-    points (measured on 2,000 test images), it trained on pad-and-crop's zero borders."""
-    import keras
-
-    norms = [layer for layer in model.layers
-             if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in norms]
-    for i, batch in enumerate(images):
-        for layer in norms:
-            layer.momentum = i / (i + 1)
-        model(batch, training=True)
-    for layer, momentum in zip(norms, saved, strict=True):
-        layer.momentum = momentum
-
-
 def swa_epoch(model, state: dict, x, y, xt, yt, epoch: int):
     """Fold this epoch's weights into the running average; its model, with batch norm
     recomputed on the training images, is what gets evaluated and kept."""
@@ -148,8 +129,10 @@ def swa_epoch(model, state: dict, x, y, xt, yt, epoch: int):
     swa.save(str(SWA) + ".tmp.keras")
     os.replace(str(SWA) + ".tmp.keras", SWA)
     state["swa_models"] = n + 1
+    # batch norm's statistics over augmented batches: those of clean images cost the stored
+    # base 0.9 points (2,000 test images), it trained on pad-and-crop's zero borders
     it, _ = batches(x, y, 250, epoch, crop=True)
-    recompute_batchnorm(swa, (images for images, _ in it))
+    co.zoo.settle_batchnorm(swa, (images for images, _ in it))
     swa.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"])
     loss, acc = swa.evaluate(xt, yt, batch_size=500, verbose=0)
