@@ -349,3 +349,19 @@ def test_layers_nested_two_deep_in_user_layers(tmp_path):
     for key, (w, _) in kernels(co.strip(loaded)).items():
         if key in expect:
             assert np.unique(w).size <= K and (w == 0).mean() >= 0.45, key
+
+
+def test_settle_batchnorm_sets_the_mean_of_batch_statistics_at_any_depth():
+    """A short run with momentum 0.999 leaves moving statistics near their initial values
+    (MobileNetV3Small answered one class for every image): settling sets them to the mean
+    over the batches, inside a user's block too, and restores the momentum."""
+    model, x, _ = ZOO["custom_block"](n=12)
+    block = model.get_layer("block")
+    bn = block.bn_a  # an attribute of a user's layer, not in model.layers
+    bn.momentum = 0.999
+    batches = [x[:4], x[4:8], x[8:]]
+    stem = keras.Model(model.inputs, model.get_layer("stem").output)
+    means = [np.asarray(block.conv_a(stem(b))).mean(axis=(0, 1, 2)) for b in batches]
+    co.zoo.settle_batchnorm(model, batches)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(means, axis=0), atol=1e-5)
+    assert bn.momentum == 0.999
