@@ -332,3 +332,49 @@ def test_every_leaf_of_a_subclassed_model_keeps_its_structure_in_the_file(tmp_pa
         assert r["verified"] == "yes", r
     pcqat = next(r for r in rows if r["path"] == "PCQAT")
     assert pcqat["unique_max"] <= 16 and pcqat["sparsity"] >= 0.45
+
+
+def test_a_short_fine_tune_re_estimates_stale_batch_norm(tmp_path, trained, digits):
+    """keras.applications train batch norm with momentum 0.999: after a short fine-tune the
+    moving averages are still mostly the parent's (MobileNetV3Small fell to chance), so the
+    tree sets them from the fine-tuned model's own batch statistics."""
+    model = keras.models.clone_model(trained)
+    model.set_weights(trained.get_weights())
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for bn in bns:
+        bn.momentum = 0.999
+    parent_mean = bns[0].moving_mean.numpy().copy()
+    messages = []
+    tree = _tree(model, digits, sparsity=[0.75])
+    tree.explore(tmp_path / "run", paths=["prune → PTQ"], log=messages.append)
+    assert any("prune: batch norm statistics re-estimated" in m for m in messages), messages
+    node = keras.models.load_model(tmp_path / "run" / "nodes" / "prune.keras")
+    x = digits[0][0][:600]  # the tree's training samples
+    conv = keras.Model(node.inputs, node.get_layer("conv1").output)
+    batch_means = [np.asarray(conv(x[i:i + 64])).mean(axis=(0, 1, 2))
+                   for i in range(0, len(x), 64)]
+    settled = node.get_layer("conv1_bn").moving_mean.numpy()
+    np.testing.assert_allclose(settled, np.mean(batch_means, axis=0), atol=1e-4)
+    assert np.abs(settled - parent_mean).max() > 10 * np.abs(settled - np.mean(
+        batch_means, axis=0)).max()
+
+
+def test_settle_batchnorm_restores_every_other_state(trained, digits):
+    """The training-mode pass that settles batch norm must not move pruning masks, step
+    counters or QAT activation ranges."""
+    x = digits[0][0][:256]
+    model = co.quantize(co.prune(trained, 0.5, verbose=False), verbose=False,
+                        batchnorm="keep")
+    model(x[:32], training=True)  # ranges and masks set once, as after a fit
+    bn_vars = {id(v) for layer in model._flatten_layers()
+               if isinstance(layer, keras.layers.BatchNormalization)
+               for v in (layer.moving_mean, layer.moving_variance)}
+    others = {v.path: v.numpy().copy() for v in model.non_trainable_variables
+              if id(v) not in bn_vars}
+    before = [v.numpy().copy() for v in model.non_trainable_variables if id(v) in bn_vars]
+    co.batchnorm.settle_batchnorm(model, [x[:128], x[128:]])
+    for v in model.non_trainable_variables:
+        if id(v) not in bn_vars:
+            np.testing.assert_array_equal(v.numpy(), others[v.path], err_msg=v.path)
+    after = [v.numpy() for v in model.non_trainable_variables if id(v) in bn_vars]
+    assert any(not np.allclose(a, b) for a, b in zip(after, before, strict=True))

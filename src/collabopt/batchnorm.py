@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import keras
 import numpy as np
+from keras import ops
 
 from collabopt.core import registry
 from collabopt.core.rewrite import is_wrapped, iter_layers, rewrite
@@ -164,3 +165,45 @@ def holds_batchnorm(layer: keras.layers.Layer) -> bool:
             return True
         stack.extend(s for _, s in registry.sublayers(sub))
     return False
+
+
+def _trained_batchnorms(model) -> list[keras.layers.BatchNormalization]:
+    """Every batch norm at any depth that trains (a frozen one runs on its moving values)."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+
+
+def settle_batchnorm(model, batches) -> None:
+    """Set every training batch norm's moving statistics (at any depth) to the mean of its
+    batch statistics over ``batches`` of inputs, and leave every other state as it was.
+
+    One forward pass in training mode with momentum i / (i + 1) at batch i makes each moving
+    value the running mean of the batches; whatever else that pass updates (pruning masks
+    and step counters, QAT activation ranges) is restored afterwards. Needed where the moving
+    averages cannot have caught up: ``keras.applications`` use momentum 0.999, so after a
+    short fine-tune they still hold mostly the parent's statistics (MobileNetV3Small pruned
+    and fine-tuned 63 steps: 24.8 % on 4 classes; settled: 61.8 %)."""
+    bns = _trained_batchnorms(model)
+    if not bns:
+        return
+    moving = {id(v) for bn in bns for v in (bn.moving_mean, bn.moving_variance)}
+    others = [v for v in model.non_trainable_variables if id(v) not in moving]
+    saved = [ops.convert_to_numpy(v.value) for v in others]
+    momenta = [bn.momentum for bn in bns]
+    try:
+        for i, batch in enumerate(batches):
+            for bn in bns:
+                bn.momentum = i / (i + 1)
+            model(batch, training=True)
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+        for v, value in zip(others, saved, strict=True):
+            v.assign(value)
+
+
+def batchnorm_is_stale(model, steps: int, horizon: float = 3.0) -> bool:
+    """Whether ``steps`` training steps left some batch norm's moving averages short of
+    their batches': the initial values keep a weight momentum ** steps ~ exp(-steps (1 -
+    momentum)), over 5 % below ``horizon`` = 3 (momentum 0.999: 3,000 steps; 0.9: 30)."""
+    return any(steps * (1 - bn.momentum) < horizon for bn in _trained_batchnorms(model))

@@ -480,8 +480,10 @@ class DeploymentTree:
 
     def _train(self, node: Node, parent_model, log):
         import keras
+        from keras import ops
 
         import collabopt as co
+        from collabopt.batchnorm import batchnorm_is_stale, settle_batchnorm
         from collabopt.quantization import fold_batchnorm, fold_batchnorm_behind_per_tensor
 
         if self.seed is not None:
@@ -525,6 +527,13 @@ class DeploymentTree:
         self._compile(trainer, self.qat_compile if node.op == "qat" else self.compile)
         trainer.fit(**_fit_args(self.train), **self.fit)
         _check_finite(model, node.name)
+        steps = int(ops.convert_to_numpy(trainer.optimizer.iterations))
+        if batchnorm_is_stale(model, steps):
+            x = _calibration_inputs(self.train, 1000)
+            batch = int(self.fit.get("batch_size") or 32)
+            settle_batchnorm(model, (x[i:i + batch] for i in range(0, len(x), batch)))
+            log(f"[tree] {node.name}: batch norm statistics re-estimated on {len(x):,} "
+                f"training samples ({steps} steps left the moving averages behind)")
         if folded is not None and self.bias_correction:
             co.correct_bias(model, folded,
                             _calibration_inputs(self.train, self.calibration_samples))

@@ -15,30 +15,14 @@ import keras
 import numpy as np
 from keras import layers
 
+from collabopt.batchnorm import settle_batchnorm
+
 CLASSES = 4
 
 
 def _images(n, size=32, seed=0):
     rng = np.random.default_rng(seed)
     return rng.uniform(0, 1, (n, size, size, 3)).astype("float32"), rng.integers(0, CLASSES, n)
-
-
-def settle_batchnorm(model, batches) -> None:
-    """Set every batch norm's moving statistics (at any depth) to the mean of its batch
-    statistics over ``batches`` (one forward pass in training mode, momentum i / (i + 1) at
-    batch i). Their initial values, or an average with momentum 0.999 after a short run,
-    starve a deep network's signal: a random MobileNet's logits measured ~1e-18, and
-    MobileNetV3Small trained 10 epochs on 10,000 images answered one class for every test
-    image (its moving variances still ~4 % their initial 1.0, the batches' were ~1e-4)."""
-    bns = [layer for layer in model._flatten_layers(include_self=False)
-           if isinstance(layer, layers.BatchNormalization)]
-    momenta = [bn.momentum for bn in bns]
-    for i, batch in enumerate(batches):
-        for bn in bns:
-            bn.momentum = i / (i + 1)
-        model(batch, training=True)
-    for bn, momentum in zip(bns, momenta, strict=True):
-        bn.momentum = momentum
 
 
 def _app(builder, size=32, **kwargs):
