@@ -55,6 +55,14 @@ def main(argv=None):
         x, y = x[::len(x) // args.limit][:args.limit], y[::len(y) // args.limit][:args.limit]
     state = json.loads(state_file.read_text()) if state_file.exists() and ckpt.exists() \
         else {"epoch": 0, "best": 0.0, "seconds": 0.0, "alpha": args.alpha}
+    if state_file.exists() and not ckpt.exists():  # never overwrite a stored base
+        done = json.loads(state_file.read_text())
+        if done["epoch"] >= args.epochs:
+            print(f"{best.name} is trained ({done['epoch']} epochs, {done['best']:.2%}): "
+                  "nothing to do")
+            return
+        raise SystemExit(f"{ckpt.name} is missing, so epoch {done['epoch']} cannot resume: "
+                         f"move {best.name} and {state_file.name} away to start over")
     if state["alpha"] != args.alpha:
         raise SystemExit(f"{ckpt} was trained with --alpha {state['alpha']}: pass it, or "
                          "move the files away to start another width")
