@@ -75,7 +75,10 @@ def test_search_trials_reach_the_file_and_resume(tmp_path, trained, digits):
         result.trials[i]["number"] for i in pareto_front(points)]
     meeting = [t for t in result.trials if t["meets_targets"]]
     base = result.baseline["fp32_metric"]
-    assert all(t["meets_targets"] == (base - t["int8_metric"] <= 0.05) for t in result.trials)
+    # accuracies are multiples of 1 / 360: a drop of exactly 18 samples is 0.05 up to
+    # rounding, which the targets accept (their tolerance, 1e-12)
+    assert all(t["meets_targets"] == (base - t["int8_metric"] <= 0.05 + 1e-12)
+               for t in result.trials)
     expected = min(meeting, key=lambda t: t["zip_bytes"])["number"] if meeting else None
     assert (result.recommended and result.recommended["number"]) == expected
     saved = json.loads((tmp_path / "s" / "trials.json").read_text())
