@@ -5,6 +5,9 @@ does at export.
 Clustering needs it first: a per-tensor codebook that the converter rescales per channel
 afterwards holds up to k x channels distinct values in the file. Behind per-channel
 codebooks and per-channel int8 scales the fold is exact, so batch norm may keep training.
+
+Where it keeps training, its moving statistics are what the fold bakes in:
+``settle_batchnorm`` re-estimates them when a fine-tune was too short to.
 """
 
 from __future__ import annotations
@@ -203,7 +206,7 @@ def settle_batchnorm(model, batches) -> None:
 
 
 def batchnorm_is_stale(model, steps: int, horizon: float = 3.0) -> bool:
-    """Whether ``steps`` training steps left some batch norm's moving averages short of
-    their batches': the initial values keep a weight momentum ** steps ~ exp(-steps (1 -
-    momentum)), over 5 % below ``horizon`` = 3 (momentum 0.999: 3,000 steps; 0.9: 30)."""
+    """Whether ``steps`` training steps left some batch norm's moving averages behind: the
+    values before training keep the weight momentum ** steps ~ exp(-steps (1 - momentum)),
+    stale while above exp(-``horizon``) = 5 % (momentum 0.999: 3,000 steps; 0.9: 30)."""
     return any(steps * (1 - bn.momentum) < horizon for bn in _trained_batchnorms(model))

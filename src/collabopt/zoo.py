@@ -32,6 +32,8 @@ def _app(builder, size=32, **kwargs):
         model = builder(input_shape=(size, size, 3), weights=None, classes=CLASSES,
                         classifier_activation=None if logits else "softmax", **kwargs)
         x, y = _images(n, size)
+        # with their initial moving statistics a deep random network's signal vanishes
+        # (MobileNet logits ~1e-18), and a file cannot be told from its model on zeros
         settle_batchnorm(model, [x])
         return model, x, y
     build.application = True
