@@ -32,8 +32,9 @@ from _common import RESULTS, ROOT, md_table, versions
 from bench_step_time import ensure_tfmot_env
 
 import collabopt as co
+from collabopt.batchnorm import settle_batchnorm
 from collabopt.tree import leaf_names
-from collabopt.zoo import CLASSES, ZOO, settle_batchnorm
+from collabopt.zoo import CLASSES, ZOO
 
 N = 64  # train and validation samples per model
 SPARSITY, CLUSTERS = 0.5, 16

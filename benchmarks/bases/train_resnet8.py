@@ -132,7 +132,7 @@ def swa_epoch(model, state: dict, x, y, xt, yt, epoch: int):
     # batch norm's statistics over augmented batches: those of clean images cost the stored
     # base 0.9 points (2,000 test images), it trained on pad-and-crop's zero borders
     it, _ = batches(x, y, 250, epoch, crop=True)
-    co.zoo.settle_batchnorm(swa, (images for images, _ in it))
+    co.batchnorm.settle_batchnorm(swa, (images for images, _ in it))
     swa.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"])
     loss, acc = swa.evaluate(xt, yt, batch_size=500, verbose=0)
